@@ -1,0 +1,3 @@
+"""MinorSFT fine-tuning on NVIDIA Megatron-Core."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,156 @@
+"""Per-token log-probs from vocab-parallel logits, and per-sequence sums over answer tokens.
+
+Shapes: `s` sequence, `b` micro-batch, `V` padded vocabulary, `tp` tensor-parallel size, `n` samples.
+Every function takes its process groups as arguments; `None` means "not parallel in that dimension".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel.utils import VocabUtility
+
+
+def _rank_and_size(group) -> tuple[int, int]:
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> None:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+
+
+class _VocabParallelLogProbs(torch.autograd.Function):
+    """log softmax(logits)[label], the vocabulary split over the tensor-parallel group.
+
+    Forward: three all-reduces over `tp_group` (max, predicted logit, sum of exps), each of shape `[...]`.
+    Backward: none; each rank returns the gradient of its own vocabulary shard,
+    d logp / d logits = onehot(label) - softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, vocab_parallel_logits, labels, vocab_size, tp_group):
+        input_dtype = vocab_parallel_logits.dtype
+        math_dtype = torch.promote_types(input_dtype, torch.float32)  # fp32, or fp64 for fp64 input
+        logits = vocab_parallel_logits.to(math_dtype)  # [..., V/tp]
+        if logits is vocab_parallel_logits:
+            logits = logits.clone()  # megatron's math steps below work in place
+        rank, world_size = _rank_and_size(tp_group)
+        partition_vocab_size = logits.size(-1)
+        vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(
+            partition_vocab_size, rank, world_size
+        )
+        if vocab_size < vocab_end:  # padding columns on this shard take no probability
+            logits[..., max(vocab_size - vocab_start, 0) :] = float("-inf")
+
+        logits_max = logits.max(dim=-1)[0]  # [...]
+        _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
+        target_mask, masked_target_1d, predicted_logits, sum_exp_logits, exp_logits = (
+            VocabParallelCrossEntropy.calculate_predicted_logits(
+                logits, labels, logits_max, vocab_start, vocab_end
+            )
+        )
+        _all_reduce(predicted_logits, dist.ReduceOp.SUM, tp_group)
+        _all_reduce(sum_exp_logits, dist.ReduceOp.SUM, tp_group)
+        softmax, nll = VocabParallelCrossEntropy.calculate_cross_entropy_loss(
+            exp_logits, predicted_logits, sum_exp_logits
+        )
+        ctx.input_dtype = input_dtype
+        ctx.save_for_backward(softmax, target_mask, masked_target_1d)
+        return -nll  # [...]
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        softmax, target_mask, masked_target_1d = ctx.saved_tensors
+        grad_2d, arange_1d, softmax_update, grad_input = (
+            VocabParallelCrossEntropy.prepare_gradient_calculation_operands(softmax, target_mask)
+        )
+        # megatron's steps give d nll / d logits = softmax - onehot; logp = -nll.
+        grad_logits = VocabParallelCrossEntropy.calculate_gradients(
+            grad_2d, arange_1d, masked_target_1d, softmax_update, grad_input, -grad_logp
+        )
+        return grad_logits.to(ctx.input_dtype), None, None, None
+
+
+def vocab_parallel_log_probs(
+    vocab_parallel_logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int | None = None,
+    tp_group=None,
+) -> torch.Tensor:
+    """Log-probability of each label under the full-vocabulary softmax, in fp32.
+
+    Args:
+        vocab_parallel_logits: `[s, b, V/tp]` (any leading shape), this rank's vocabulary shard, any dtype.
+        labels: `[s, b]` (the same leading shape), token ids in `[0, vocab_size)`.
+        vocab_size: the real vocabulary; columns `>= vocab_size` of the padded vocabulary are excluded from
+            the softmax. None: every column is real.
+        tp_group: the tensor-parallel group the vocabulary is split over (None: not split).
+
+    Returns:
+        `[s, b]` float32 log-probs (float64 for float64 logits), the same on every tensor-parallel rank. Collectives: 3 all-reduces over
+        `tp_group` in forward.
+    """
+    if vocab_parallel_logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(vocab_parallel_logits.shape)} and labels {tuple(labels.shape)} disagree: "
+            "logits must be labels' shape plus a vocabulary dimension"
+        )
+    padded_vocab_size = vocab_parallel_logits.size(-1) * _rank_and_size(tp_group)[1]
+    if vocab_size is None:
+        vocab_size = padded_vocab_size
+    if not 0 < vocab_size <= padded_vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is not in (0, {padded_vocab_size}] (the padded vocabulary)")
+    return _VocabParallelLogProbs.apply(vocab_parallel_logits, labels, vocab_size, tp_group)
+
+
+def sample_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """For each of `num_tokens` flattened positions, the sample it belongs to; `n` for trailing padding.
+
+    Args:
+        cu_seqlens: `[n + 1]` cumulative sample lengths, starting at 0, over the flattened `[b * s]` tokens.
+    """
+    positions = torch.arange(num_tokens, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)  # [b * s]
+
+
+def sequence_sums(
+    token_values: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sum of `token_values` over the answer tokens (`loss_mask` != 0) of each sample.
+
+    Args:
+        token_values: `[b, s]` per-token values (log-probs), or `[b, s]` of ones to count tokens.
+        loss_mask: `[b, s]`, 1 where the label at that position is an answer token.
+        cu_seqlens: None for one sample per row; `[n + 1]` sample boundaries over the flattened `[b * s]`
+            tokens for packed rows (several samples per row). Positions past `cu_seqlens[-1]` are padding.
+
+    Returns:
+        `[n]` per-sample sums (`n = b` unpacked), in `token_values`' dtype. No collectives.
+    """
+    if token_values.shape != loss_mask.shape:
+        raise ValueError(
+            f"token values {tuple(token_values.shape)} and loss mask {tuple(loss_mask.shape)} disagree"
+        )
+    masked = token_values * loss_mask.to(token_values.dtype)  # [b, s]
+    if cu_seqlens is None:
+        return masked.sum(dim=-1)  # [b]
+    num_samples = cu_seqlens.numel() - 1
+    ids = sample_ids(cu_seqlens, masked.numel())  # [b * s], n marks padding
+    sums = masked.new_zeros(num_samples + 1).index_add(0, ids, masked.reshape(-1))
+    return sums[:num_samples]  # [n]
+
+
+def context_parallel_sum(partial_sums: torch.Tensor, cp_group=None) -> torch.Tensor:
+    """Total of per-sample partial sums over the context-parallel ranks that each hold part of a sequence.
+
+    Forward: all-reduce (sum) over `cp_group`. Backward: identity, which is exact because every CP rank
+    computes the same loss from the total and megatron-core sums parameter gradients over the CP ranks.
+    """
+    if cp_group is None or dist.get_world_size(cp_group) == 1:
+        return partial_sums
+    return reduce_from_tensor_model_parallel_region(partial_sums.clone(), group=cp_group)

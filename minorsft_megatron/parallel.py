@@ -1,0 +1,56 @@
+"""Process-group setup: torch.distributed on the device's backend, then megatron-core's parallel state."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from minorsft_megatron.device import distributed_backend
+
+
+def initialize(
+    device: torch.device,
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 10,
+) -> ProcessGroupCollection:
+    """Join the torchrun job (env:// rendezvous), build TP/PP/CP/DP groups and seed the RNG tracker.
+
+    The data-parallel size is what is left: world_size / (tp * pp * cp).
+    """
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=distributed_backend(device),
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
+        )
+    world_size = dist.get_world_size()
+    if world_size % (tp * pp * cp):
+        raise ValueError(f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    model_parallel_cuda_manual_seed(seed)
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def destroy() -> None:
+    """Tear down megatron-core's groups and the default process group."""
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))

@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="minorsft-megatron",
+    version="0.1.0",
+    description="MinorSFT fine-tuning of GPT-style LLMs on NVIDIA Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["minorsft_megatron", "minorsft_megatron.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch",
+        "megatron-core>=0.16.1,<0.20",
+        "sentencepiece",
+        "pyyaml",
+        "psutil",
+        "numpy",
+    ],
+    extras_require={
+        "te": ["transformer-engine[pytorch]"],
+        "hf": ["transformers", "safetensors", "tokenizers"],
+        "dev": ["pytest"],
+    },
+)

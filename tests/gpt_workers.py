@@ -1,0 +1,200 @@
+"""Worker bodies for the end-to-end tests: a tiny GPTModel with fixed full weights, sharded by layout."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.transformer import TransformerConfig
+
+from minorsft_megatron import parallel
+from minorsft_megatron.device import setup_device
+from minorsft_megatron.forward_step import (
+    SFTBatch,
+    SFTLossFunction,
+    collect_logp_sums,
+    forward_backward,
+    reduce_step_metrics,
+)
+from minorsft_megatron.model import build_gpt_model, padded_vocab_size
+
+VOCAB = 50  # real vocabulary; padded to 64 at TP = 1 and 2 (divisible_by=32)
+PADDED_VOCAB = padded_vocab_size(VOCAB, 2, divisible_by=32)
+SEQ = 16
+GLOBAL_BATCH = 8
+HIDDEN, FFN, HEADS, GROUPS, LAYERS = 32, 48, 4, 2, 4
+
+
+def global_batch(seed: int = 0) -> dict:
+    """GLOBAL_BATCH rows: a prompt, an answer, then padding; row 5 has no answer token (m = 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+    loss_mask = torch.zeros(GLOBAL_BATCH, SEQ)
+    for row in range(GLOBAL_BATCH):
+        prompt = int(torch.randint(2, 7, (), generator=gen))
+        end = int(torch.randint(prompt + 1, SEQ + 1, (), generator=gen))
+        if row != 5:
+            loss_mask[row, prompt - 1 : end - 1] = 1.0  # labels[t] = tokens[t + 1] is an answer token
+    ref_logp_sum = -3.0 * loss_mask.sum(-1) + torch.randn(GLOBAL_BATCH, generator=gen) * 5.0
+    return {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "loss_mask": loss_mask,
+        "position_ids": torch.arange(SEQ).repeat(GLOBAL_BATCH, 1),
+        "ref_logp_sum": ref_logp_sum,
+    }
+
+
+def micro_batches(batch: dict, dp_rank: int, dp_size: int, micro_batch_size: int, device) -> list[SFTBatch]:
+    per_rank = GLOBAL_BATCH // dp_size
+    rows = range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    out = []
+    for start in range(rows.start, rows.stop, micro_batch_size):
+        sl = slice(start, start + micro_batch_size)
+        out.append(SFTBatch(**{k: v[sl] for k, v in batch.items()}).to(device))
+    return out
+
+
+def model_config(tp: int, pp: int, sp: bool) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=LAYERS,
+        hidden_size=HIDDEN,
+        ffn_hidden_size=FFN,
+        num_attention_heads=HEADS,
+        num_query_groups=GROUPS,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sp,
+        pipeline_dtype=torch.float32,
+        params_dtype=torch.float32,
+        use_cpu_initialization=True,
+        calculate_per_token_loss=True,
+    )
+
+
+def _global_name(model, local_name: str) -> str:
+    parts = local_name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+    return ".".join(parts)
+
+
+def _full_value(name: str, shape) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    if name.endswith("layernorm.weight") or name.endswith("final_layernorm.weight"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    return 0.2 * torch.randn(shape, generator=gen)
+
+
+def _shard(name, full, param, tp_rank, tp_size, gated):
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    if gated and name.endswith("linear_fc1.weight"):  # [gate; up], each split over TP
+        return torch.cat([half.chunk(tp_size, dim)[tp_rank] for half in full.chunk(2, dim)], dim)
+    return full.chunk(tp_size, dim)[tp_rank]
+
+
+def _unshard(name, local, param, tp_group, tp_size, gated):
+    if not getattr(param, "tensor_model_parallel", False):
+        return local
+    dim = param.partition_dim
+    parts = [torch.empty_like(local) for _ in range(tp_size)]
+    torch.distributed.all_gather(parts, local.contiguous(), group=tp_group)
+    if gated and name.endswith("linear_fc1.weight"):
+        halves = [p.chunk(2, dim) for p in parts]
+        return torch.cat([torch.cat([h[i] for h in halves], dim) for i in range(2)], dim)
+    return torch.cat(parts, dim)
+
+
+def _full_shape(param, tp_size, ):
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= tp_size
+    return shape
+
+
+def build(tp, pp, sp, device):
+    config = model_config(tp, pp, sp)
+    model = build_gpt_model(
+        config,
+        vocab_size=PADDED_VOCAB,
+        max_sequence_length=SEQ,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    tp_rank, tp_size = parallel_state.get_tensor_model_parallel_rank(), tp
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            gname = _global_name(model, name)
+            full = _full_value(gname, _full_shape(param, tp_size))
+            param.copy_(_shard(gname, full, param, tp_rank, tp_size, config.gated_linear_unit))
+    model.to(device)
+    config.finalize_model_grads_func = finalize_model_grads
+    ddp = DistributedDataParallel(
+        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model
+    )
+    return config, model, ddp
+
+
+def one_step(tp, pp, dp, sp, micro_batch_size, loss_name, device_name, ref_from_policy=False):
+    """One forward-backward of `loss_name` at this layout. Returns full gradients and per-sample sums."""
+    device = setup_device(device_name)
+    pgs = parallel.initialize(device, tp=tp, pp=pp)
+    config, model, ddp = build(tp, pp, sp, device)
+    batch = global_batch()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    batches = micro_batches(batch, dp_rank, dp, micro_batch_size, device)
+    vocab_args = dict(vocab_size=VOCAB, tp_group=pgs.tp, cp_group=pgs.cp)
+    last = parallel_state.is_pipeline_last_stage()
+    if ref_from_policy:  # the reference is a second model with the same weights, run forward-only
+        _, ref_model, _ = build(tp, pp, sp, device)
+        ref_out = forward_backward(
+            [ref_model], batches, SFTLossFunction("sft", 0.04, **vocab_args), SEQ, micro_batch_size, True
+        )
+        ref_sums = _broadcast_from_last_stage(
+            collect_logp_sums(ref_out)[0] if last else None, len(batches) * micro_batch_size, device, pgs.pp
+        )
+        for i, mb in enumerate(batches):
+            mb.ref_logp_sum = ref_sums[i * micro_batch_size : (i + 1) * micro_batch_size]
+    loss_fn = SFTLossFunction(loss_name, 0.04, **vocab_args)
+    ddp.zero_grad_buffer()
+    out = forward_backward([ddp], batches, loss_fn, SEQ, micro_batch_size)
+    result = {"grads": {}, "dp_rank": dp_rank}
+    for name, param in model.named_parameters():
+        gname = _global_name(model, name)
+        result["grads"][gname] = _unshard(
+            gname, param.main_grad.detach().cpu().double(), param, pgs.tp, tp, config.gated_linear_unit
+        )
+    if last:
+        logp_sum, num_tokens = collect_logp_sums(out)
+        result["logp_sum"] = logp_sum.cpu().double()
+        result["num_answer_tokens"] = num_tokens.cpu()
+        result["metrics"] = {
+            k: v.cpu() for k, v in reduce_step_metrics(out, pgs.dp_cp, has_reference=True).items()
+        }
+        result["ref_logp_sum"] = torch.cat([mb.ref_logp_sum for mb in batches]).cpu()
+    return result
+
+
+def _broadcast_from_last_stage(value, numel, device, pp_group):
+    """The last pipeline stage's tensor on every stage of `pp_group`."""
+    if torch.distributed.get_world_size(pp_group) == 1:
+        return value
+    buf = value if value is not None else torch.empty(numel, device=device)
+    src = torch.distributed.get_global_rank(pp_group, torch.distributed.get_world_size(pp_group) - 1)
+    torch.distributed.broadcast(buf, src=src, group=pp_group)
+    return buf
