@@ -74,20 +74,6 @@ def distributed_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def on_cpu() -> bool:
-    """True once this process runs megatron-core on the CPU."""
-    return _redirected
-
-
-def max_memory_allocated(device: torch.device) -> int:
-    """Peak bytes allocated on `device` (the process's peak resident set on CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _cpu_device_arg(device):
     if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
         return _CPU

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import os
 
 import torch
 import torch.distributed as dist
@@ -51,6 +50,3 @@ def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))

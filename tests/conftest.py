@@ -4,7 +4,7 @@ import pytest
 import torch
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def device() -> str:
     """The device tests compute on: MINORSFT_TEST_DEVICE, else CUDA when present, else the CPU."""
     return os.environ.get("MINORSFT_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -120,7 +120,7 @@ def _unshard(name, local, param, tp_group, tp_size, gated):
     return torch.cat(parts, dim)
 
 
-def _full_shape(param, tp_size, ):
+def _full_shape(param, tp_size):
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
         shape[param.partition_dim] *= tp_size

@@ -35,8 +35,8 @@ def rel_err(a, b):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("ref"), "cpu", mbs=GLOBAL_BATCH)
+def reference_run(tmp_path_factory, device):
+    return run(tmp_path_factory.mktemp("ref"), device, mbs=GLOBAL_BATCH)
 
 
 def assert_same_step(run_result, reference):
