@@ -17,7 +17,12 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from minorsft_megatron.logprobs import context_parallel_sum, sequence_sums, vocab_parallel_log_probs
+from minorsft_megatron.logprobs import (
+    context_parallel_sum,
+    sample_ids,
+    sequence_sums,
+    vocab_parallel_log_probs,
+)
 from minorsft_megatron.loss import LossSpec, get_loss, loss_and_stats, metrics_from_stats
 
 
@@ -36,13 +41,25 @@ class SFTBatch:
     attention_mask: torch.Tensor | None = None
     """[b, 1, s, s] bool, True where attention is blocked (packed rows on the local spec); None: causal."""
     cu_seqlens: torch.Tensor | None = None
-    """[n + 1] int sample boundaries over the flattened [b * s] tokens for packed rows; None: one per row."""
+    """[n + 1] int sample boundaries over the flattened [b * s] tokens for packed rows; None: one per row.
+    No sample crosses a row; a row's trailing padding may belong to its last sample (its loss_mask is 0)."""
     ref_logp_sum: torch.Tensor | None = None
     """[n] float32 per-sample answer log-prob sums under the frozen reference."""
 
     def to(self, device: torch.device) -> "SFTBatch":
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
         return SFTBatch(**moved)
+
+
+def packed_causal_mask(cu_seqlens: torch.Tensor, batch_size: int, seq_length: int) -> torch.Tensor:
+    """[b, 1, s, s] bool attention mask for packed rows on the local spec: True where attention is blocked.
+
+    Position t attends to positions <= t of its own sample only; trailing padding attends among itself.
+    """
+    ids = sample_ids(cu_seqlens, batch_size * seq_length).view(batch_size, seq_length)  # [b, s]
+    same_sample = ids[:, :, None] == ids[:, None, :]  # [b, s, s]
+    causal = torch.ones(seq_length, seq_length, dtype=torch.bool, device=ids.device).tril()
+    return ~(same_sample & causal).unsqueeze(1)
 
 
 def sequence_log_probs(batch: SFTBatch, logits: torch.Tensor, vocab_size: int, tp_group, cp_group):

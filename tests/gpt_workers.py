@@ -17,6 +17,7 @@ from megatron.core.transformer import TransformerConfig
 from minorsft_megatron import parallel
 from minorsft_megatron.device import setup_device
 from minorsft_megatron.forward_step import (
+    packed_causal_mask,
     SFTBatch,
     SFTLossFunction,
     collect_logp_sums,
@@ -198,3 +199,64 @@ def _broadcast_from_last_stage(value, numel, device, pp_group):
     src = torch.distributed.get_global_rank(pp_group, torch.distributed.get_world_size(pp_group) - 1)
     torch.distributed.broadcast(buf, src=src, group=pp_group)
     return buf
+
+
+PACKED_LENGTHS = [(5, 3), (7, 4)]  # two packed rows of SEQ tokens, each holding two samples
+
+
+def packing_batches(device):
+    """The same four samples as 4 unpacked rows and as 2 packed rows (positions restarting per sample)."""
+    gen = torch.Generator().manual_seed(11)
+    samples = []
+    for length in [n for row in PACKED_LENGTHS for n in row]:
+        tokens = torch.randint(0, VOCAB, (length + 1,), generator=gen)
+        mask = torch.zeros(length)
+        mask[int(torch.randint(1, length - 1, (), generator=gen)) :] = 1.0
+        samples.append((tokens, mask))
+    ref = torch.randn(len(samples), generator=gen) * 3 - 20
+
+    def row(parts):
+        tokens, labels, pos = (torch.zeros(SEQ, dtype=torch.long) for _ in range(3))
+        mask = torch.zeros(SEQ)
+        at = 0
+        for t, m in parts:
+            n = len(m)
+            tokens[at : at + n], labels[at : at + n], mask[at : at + n] = t[:-1], t[1:], m
+            pos[at : at + n] = torch.arange(n)
+            at += n
+        pos[at:] = torch.arange(SEQ - at)
+        return tokens, labels, mask, pos
+
+    unpacked_rows = [row([s]) for s in samples]
+    unpacked = SFTBatch(*(torch.stack(x) for x in zip(*unpacked_rows)), ref_logp_sum=ref)
+    packed_rows = [row(samples[2 * i : 2 * i + 2]) for i in range(2)]
+    cu = [0]
+    for i, (a, b) in enumerate(PACKED_LENGTHS):  # the row's trailing padding belongs to its last sample
+        cu += [i * SEQ + a, (i + 1) * SEQ]
+    cu_seqlens = torch.tensor(cu)
+    packed = SFTBatch(
+        *(torch.stack(x) for x in zip(*packed_rows)),
+        attention_mask=packed_causal_mask(cu_seqlens, 2, SEQ),
+        cu_seqlens=cu_seqlens,
+        ref_logp_sum=ref,
+    )
+    return unpacked.to(device), packed.to(device)
+
+
+def packed_and_unpacked(tp, device_name, loss_name):
+    """One step on the four samples unpacked, then packed: per-sample sums and full gradients of both."""
+    device = setup_device(device_name)
+    pgs = parallel.initialize(device, tp=tp)
+    out = {}
+    for name, batch in zip(("unpacked", "packed"), packing_batches(device)):
+        config, model, ddp = build(tp, 1, False, device)
+        loss_fn = SFTLossFunction(loss_name, 0.04, vocab_size=VOCAB, tp_group=pgs.tp, cp_group=pgs.cp)
+        ddp.zero_grad_buffer()
+        stats = forward_backward([ddp], [batch], loss_fn, SEQ, batch.tokens.size(0))
+        grads = {
+            n: _unshard(n, p.main_grad.detach().cpu().double(), p, pgs.tp, tp, config.gated_linear_unit)
+            for n, p in model.named_parameters()
+        }
+        logp_sum, num_tokens = collect_logp_sums(stats)
+        out[name] = {"grads": grads, "logp_sum": logp_sum.cpu().double(), "num_answer_tokens": num_tokens.cpu()}
+    return out
