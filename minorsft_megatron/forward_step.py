@@ -83,8 +83,10 @@ def sequence_log_probs(batch: SFTBatch, logits: torch.Tensor, vocab_size: int, t
 class SFTLossFunction:
     """The `loss_func` megatron-core's schedules call on the last pipeline stage, for one loss.
 
-    Returns (loss_sum, denominator, {"sum_stats", "max_stats"}): megatron-core adds the denominators of all
-    micro-batches and divides the gradients by their global total. Within a context-parallel group every rank
+    Returns (loss_sum, denominator, stats): megatron-core adds the denominators of all micro-batches and
+    divides the gradients by their global total. `stats` holds the detached "sum_stats" and "max_stats" for
+    reduce_step_metrics, and this micro-batch's per-sample "logp_sum" and "num_answer_tokens" (the reference
+    pass reads these, see collect_logp_sums). Within a context-parallel group every rank
     holds the whole per-sample sums; only CP rank 0 contributes the denominator and the statistics.
     """
 
