@@ -17,11 +17,11 @@ from megatron.core.transformer import TransformerConfig
 from minorsft_megatron import parallel
 from minorsft_megatron.device import setup_device
 from minorsft_megatron.forward_step import (
-    packed_causal_mask,
     SFTBatch,
     SFTLossFunction,
     collect_logp_sums,
     forward_backward,
+    packed_causal_mask,
     reduce_step_metrics,
 )
 from minorsft_megatron.model import build_gpt_model, padded_vocab_size
@@ -121,6 +121,16 @@ def _unshard(name, local, param, tp_group, tp_size, gated):
     return torch.cat(parts, dim)
 
 
+def full_grads(model, config, tp_group, tp_size) -> dict:
+    """Every parameter's main_grad, gathered to its full TP=1 shape, keyed by its global name."""
+    grads = {}
+    for name, param in model.named_parameters():
+        gname = _global_name(model, name)
+        local = param.main_grad.detach().cpu().double()
+        grads[gname] = _unshard(gname, local, param, tp_group, tp_size, config.gated_linear_unit)
+    return grads
+
+
 def _full_shape(param, tp_size):
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
@@ -174,12 +184,7 @@ def one_step(tp, pp, dp, sp, micro_batch_size, loss_name, device_name, ref_from_
     loss_fn = SFTLossFunction(loss_name, 0.04, **vocab_args)
     ddp.zero_grad_buffer()
     out = forward_backward([ddp], batches, loss_fn, SEQ, micro_batch_size)
-    result = {"grads": {}, "dp_rank": dp_rank}
-    for name, param in model.named_parameters():
-        gname = _global_name(model, name)
-        result["grads"][gname] = _unshard(
-            gname, param.main_grad.detach().cpu().double(), param, pgs.tp, tp, config.gated_linear_unit
-        )
+    result = {"grads": full_grads(model, config, pgs.tp, tp), "dp_rank": dp_rank}
     if last:
         logp_sum, num_tokens = collect_logp_sums(out)
         result["logp_sum"] = logp_sum.cpu().double()
@@ -231,8 +236,8 @@ def packing_batches(device):
     unpacked = SFTBatch(*(torch.stack(x) for x in zip(*unpacked_rows)), ref_logp_sum=ref)
     packed_rows = [row(samples[2 * i : 2 * i + 2]) for i in range(2)]
     cu = [0]
-    for i, (a, b) in enumerate(PACKED_LENGTHS):  # the row's trailing padding belongs to its last sample
-        cu += [i * SEQ + a, (i + 1) * SEQ]
+    for i, (first, _) in enumerate(PACKED_LENGTHS):  # the row's trailing padding belongs to its last sample
+        cu += [i * SEQ + first, (i + 1) * SEQ]
     cu_seqlens = torch.tensor(cu)
     packed = SFTBatch(
         *(torch.stack(x) for x in zip(*packed_rows)),
@@ -253,10 +258,6 @@ def packed_and_unpacked(tp, device_name, loss_name):
         loss_fn = SFTLossFunction(loss_name, 0.04, vocab_size=VOCAB, tp_group=pgs.tp, cp_group=pgs.cp)
         ddp.zero_grad_buffer()
         stats = forward_backward([ddp], [batch], loss_fn, SEQ, batch.tokens.size(0))
-        grads = {
-            n: _unshard(n, p.main_grad.detach().cpu().double(), p, pgs.tp, tp, config.gated_linear_unit)
-            for n, p in model.named_parameters()
-        }
         logp_sum, num_tokens = collect_logp_sums(stats)
-        out[name] = {"grads": grads, "logp_sum": logp_sum.cpu().double(), "num_answer_tokens": num_tokens.cpu()}
+        out[name] = {"grads": full_grads(model, config, pgs.tp, tp), "logp_sum": logp_sum.cpu().double(), "num_answer_tokens": num_tokens.cpu()}
     return out
