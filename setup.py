@@ -15,10 +15,12 @@ setup(
         "pyyaml",
         "psutil",
         "numpy",
+        "jinja2",
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "hf": ["transformers", "safetensors", "tokenizers"],
-        "dev": ["pytest"],
+        "tiktoken": ["tiktoken"],
+        "dev": ["pytest", "transformers", "tokenizers", "tiktoken"],
     },
 )

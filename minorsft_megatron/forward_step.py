@@ -45,6 +45,8 @@ class SFTBatch:
     No sample crosses a row; a row's trailing padding may belong to its last sample (its loss_mask is 0)."""
     ref_logp_sum: torch.Tensor | None = None
     """[n] float32 per-sample answer log-prob sums under the frozen reference."""
+    sample_index: torch.Tensor | None = None
+    """[n] int64 dataset index of each sample (what the reference cache is keyed by)."""
 
     def to(self, device: torch.device) -> "SFTBatch":
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}

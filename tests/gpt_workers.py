@@ -138,12 +138,12 @@ def _full_shape(param, tp_size):
     return shape
 
 
-def build(tp, pp, sp, device):
+def build(tp, pp, sp, device, vocab_size=PADDED_VOCAB, seq_length=SEQ):
     config = model_config(tp, pp, sp)
     model = build_gpt_model(
         config,
-        vocab_size=PADDED_VOCAB,
-        max_sequence_length=SEQ,
+        vocab_size=vocab_size,
+        max_sequence_length=seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
@@ -260,4 +260,37 @@ def packed_and_unpacked(tp, device_name, loss_name):
         stats = forward_backward([ddp], [batch], loss_fn, SEQ, batch.tokens.size(0))
         logp_sum, num_tokens = collect_logp_sums(stats)
         out[name] = {"grads": full_grads(model, config, pgs.tp, tp), "logp_sum": logp_sum.cpu().double(), "num_answer_tokens": num_tokens.cpu()}
+    return out
+
+
+def dataset_padded_and_packed(prefix, seq_length, vocab_size, device_name):
+    """One minor_sft step on step 0 of a preprocessed dataset at DP = world size, padded and then packed rows
+    (whose micro-batch count and empty padding rows differ): per-sample sums keyed by dataset index, and the
+    DP-reduced gradients."""
+    from minorsft_megatron.data.dataset import BatchSettings, SFTBatches, SFTDataset
+
+    device = setup_device(device_name)
+    pgs = parallel.initialize(device)
+    dataset = SFTDataset(prefix)
+    out = {}
+    for packing, mbs in ((False, 3), (True, 2)):
+        settings = BatchSettings(seq_length, micro_batch_size=mbs, global_batch_size=12, packing=packing)
+        batches = SFTBatches(dataset, settings, parallel_state.get_data_parallel_rank(),
+                             parallel_state.get_data_parallel_world_size()).micro_batches(0)
+        for mb in batches:  # a made-up reference, different per sample
+            mb.ref_logp_sum = -5.0 - (mb.sample_index % 7).float()
+        batches = [mb.to(device) for mb in batches]
+        config, model, ddp = build(1, 1, False, device, padded_vocab_size(vocab_size, 1), seq_length)
+        loss_fn = SFTLossFunction("minor_sft", 0.04, vocab_size=vocab_size, tp_group=pgs.tp, cp_group=pgs.cp)
+        ddp.zero_grad_buffer()
+        stats = forward_backward([ddp], batches, loss_fn, seq_length, mbs)
+        logp_sum, num_tokens = collect_logp_sums(stats)
+        index = torch.cat([mb.sample_index for mb in batches]).cpu()
+        out["packed" if packing else "padded"] = {
+            "grads": full_grads(model, config, pgs.tp, 1), "num_micro_batches": len(batches),
+            "empty_rows": sum(mb.tokens.size(0) * seq_length - int(mb.cu_seqlens[-1]) for mb in batches
+                              if packing) // seq_length,
+            "logp_sum": dict(zip(index.tolist(), logp_sum.cpu().double().tolist())),
+            "num_answer_tokens": dict(zip(index.tolist(), num_tokens.cpu().tolist())),
+        }
     return out

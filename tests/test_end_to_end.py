@@ -118,3 +118,29 @@ def test_packed_rows_equal_unpacked_rows(tmp_path, device, loss):
     for name, grad in unpacked["grads"].items():
         assert grad.norm() > 0, name
         assert rel_err(packed["grads"][name], grad) <= RTOL, name
+
+
+def test_dataset_batches_padded_equal_packed(tmp_path, device):
+    """Step 0 of the bundled data through the dataset class at DP = 2: packed rows (fewer micro-batches, an
+    empty padding row) give the same per-sample sums and gradients as padded rows."""
+    from minorsft_megatron.data.preprocess import PreprocessSettings, preprocess
+    from tests.gpt_workers import dataset_padded_and_packed
+    from tests.tokenizers_for_tests import DATA, SENTENCEPIECE_MODEL
+
+    prefix = str(tmp_path / "train")
+    preprocess(PreprocessSettings(inputs=[f"{DATA}/sft_train.jsonl"], tokenizer=SENTENCEPIECE_MODEL,
+                                  output_prefix=prefix, chat_template="chatml", seq_length=64), log=print)
+    world = 2
+    dev = device if device == "cpu" or torch.cuda.device_count() >= world else "cpu"
+    ranks = spawn(world, dataset_padded_and_packed, prefix, 64, 1024, dev, out_dir=tmp_path / "run")
+    padded = {k: v for r in ranks for k, v in r["padded"]["logp_sum"].items()}
+    packed = {k: v for r in ranks for k, v in r["packed"]["logp_sum"].items()}
+    assert len(padded) == 12 and packed.keys() == padded.keys()
+    keys = sorted(padded)
+    assert rel_err(torch.tensor([packed[k] for k in keys]), torch.tensor([padded[k] for k in keys])) <= RTOL
+    assert [r["packed"]["num_micro_batches"] for r in ranks] == [2, 2]
+    assert sum(r["packed"]["empty_rows"] for r in ranks) >= 1
+    assert [r["padded"]["num_micro_batches"] for r in ranks] == [2, 2]
+    for name, grad in ranks[0]["padded"]["grads"].items():
+        assert rel_err(ranks[0]["packed"]["grads"][name], grad) <= RTOL, name
+        assert rel_err(ranks[1]["packed"]["grads"][name], grad) <= RTOL, name

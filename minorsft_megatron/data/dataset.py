@@ -1,0 +1,240 @@
+"""Training batches from a preprocessed SFT dataset: padded or packed rows, shuffled by seed, sharded over DP.
+
+A sample of n tokens fills n - 1 positions of a row: tokens ids[:-1], labels ids[1:] (the label at position t
+is token t + 1 of the same sample) and loss mask answer_mask[1:]. Rows hold `seq_length` positions.
+
+The sample stream is epoch 0's permutation of all samples, then epoch 1's, ... (each drawn from `seed` and
+the epoch number). Step k's global batch is stream positions [k*G, (k+1)*G); data-parallel rank r takes the
+r-th contiguous G/dp of them. Padded: micro-batches of `micro_batch_size` rows, one sample each. Packed:
+the rank's samples go into rows by first-fit decreasing (no sample crosses a row); `micro_batch_size` rows
+per micro-batch; every DP rank runs as many micro-batches as the rank that needs most, padding with empty
+rows. The global batch, and so the loss, is the same set of samples either way. Resuming from
+`consumed_samples` (a multiple of G) continues the same stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from minorsft_megatron.forward_step import SFTBatch, packed_causal_mask
+
+
+class DataError(ValueError):
+    """A dataset or batch setting that cannot work; one line naming the file or key."""
+
+
+class SFTDataset:
+    """The samples written by tools/preprocess_sft_data.py, memory-mapped through megatron-core IndexedDataset.
+
+    `tokens(i)` int64 `[n_i]`, `answer_mask(i)` uint8 `[n_i]`, `lengths` int64 `[N]` tokens per sample.
+    """
+
+    def __init__(self, prefix: str):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.prefix = prefix
+        self.meta = read_sidecar(prefix)
+        files = {k: os.path.join(os.path.dirname(prefix), v) for k, v in self.meta["files"].items()}
+        for name in files.values():
+            if not IndexedDataset.exists(name):
+                raise DataError(f"{name}.bin/.idx: missing (the sidecar {prefix}.json names them)")
+        self._tokens = IndexedDataset(files["tokens"])
+        self._answer_mask = IndexedDataset(files["answer_mask"])
+        self.lengths = self._tokens.sequence_lengths.astype(np.int64)
+        self._check_against_sidecar()
+
+    def _check_against_sidecar(self) -> None:
+        counts = self.meta["counts"]
+        found = (len(self._tokens), int(self.lengths.sum()))
+        expected = (counts["samples"], counts["tokens"])
+        if found != expected or not np.array_equal(self._answer_mask.sequence_lengths, self._tokens.sequence_lengths):
+            raise DataError(
+                f"{self.prefix}: files hold {found[0]} samples / {found[1]} tokens, the sidecar says "
+                f"{expected[0]} / {expected[1]}, or tokens and masks disagree; preprocess again"
+            )
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    def tokens(self, i: int) -> np.ndarray:
+        return self._tokens[int(i)].astype(np.int64)
+
+    def answer_mask(self, i: int) -> np.ndarray:
+        return self._answer_mask[int(i)]
+
+
+def read_sidecar(prefix: str) -> dict:
+    path = f"{prefix}.json"
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file (preprocess with tools/preprocess_sft_data.py first)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a valid sidecar: {err}")
+    for key in ("fingerprint", "counts", "files"):
+        if key not in meta:
+            raise DataError(f"{path}: not a valid sidecar: '{key}' is missing")
+    return meta
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    seq_length: int
+    """Positions per row; every sample must have at most seq_length + 1 tokens."""
+    micro_batch_size: int
+    """Rows per micro-batch."""
+    global_batch_size: int
+    """Samples per optimizer step, over all data-parallel ranks."""
+    packing: bool = False
+    """Pack several samples per row (with cu_seqlens) instead of one padded sample per row."""
+    seed: int = 1234
+    """Shuffling seed."""
+    epochs: int = 1
+    """Passes over the dataset; the last incomplete global batch is left out."""
+
+
+def sample_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of sample indices used in `epoch`."""
+    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(num_samples)
+
+
+def first_fit_decreasing(positions: np.ndarray, capacity: int) -> list[list[int]]:
+    """Rows of item indices, each row's `positions` summing to at most `capacity`. Deterministic."""
+    rows, room = [], []
+    for item in np.argsort(-positions, kind="stable"):
+        need = int(positions[item])
+        row = next((r for r, free in enumerate(room) if free >= need), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(int(item))
+        room[row] -= need
+    return [sorted(row) for row in rows]
+
+
+class SFTBatches:
+    """Iterates over optimizer steps; each step is this DP rank's list of `SFTBatch` micro-batches (on CPU)."""
+
+    def __init__(self, dataset: SFTDataset, settings: BatchSettings, dp_rank: int = 0, dp_size: int = 1,
+                 consumed_samples: int = 0, packed_attention_mask: bool = True):
+        self.dataset, self.settings = dataset, settings
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.packed_attention_mask = packed_attention_mask
+        self._orders: dict[int, np.ndarray] = {}
+        check_batch_settings(dataset, settings, dp_size)
+        if consumed_samples % settings.global_batch_size:
+            raise DataError(
+                f"consumed_samples {consumed_samples} is not a multiple of global_batch_size "
+                f"{settings.global_batch_size}"
+            )
+        self.start_step = consumed_samples // settings.global_batch_size
+        self.num_steps = len(dataset) * settings.epochs // settings.global_batch_size
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: sample_order(len(self.dataset), self.settings.seed, epoch)}  # keep one
+        return self._orders[epoch]
+
+    def global_batch(self, step: int) -> np.ndarray:
+        """`[G]` dataset indices of step `step`'s global batch."""
+        size, n = self.settings.global_batch_size, len(self.dataset)
+        positions = np.arange(step * size, (step + 1) * size)
+        return np.array([self._order(int(p // n))[p % n] for p in positions], dtype=np.int64)
+
+    def rank_samples(self, step: int, rank: int) -> np.ndarray:
+        per_rank = self.settings.global_batch_size // self.dp_size
+        return self.global_batch(step)[rank * per_rank : (rank + 1) * per_rank]
+
+    def micro_batches(self, step: int) -> list[SFTBatch]:
+        """This rank's micro-batches for step `step`."""
+        samples = self.rank_samples(step, self.dp_rank)
+        if not self.settings.packing:
+            mbs = self.settings.micro_batch_size
+            return [self._padded(samples[i : i + mbs]) for i in range(0, len(samples), mbs)]
+        rows = self._rows(samples)
+        mbs = self.settings.micro_batch_size
+        num_micro = -(-max(len(self._rows(self.rank_samples(step, r))) for r in range(self.dp_size)) // mbs)
+        rows += [[]] * (num_micro * mbs - len(rows))  # empty rows so every DP rank runs as many micro-batches
+        return [self._packed(rows[i : i + mbs]) for i in range(0, len(rows), mbs)]
+
+    def _rows(self, samples: np.ndarray) -> list[list[int]]:
+        positions = self.dataset.lengths[samples] - 1
+        return [[int(samples[i]) for i in row] for row in first_fit_decreasing(positions, self.settings.seq_length)]
+
+    def __len__(self) -> int:
+        return self.num_steps - self.start_step
+
+    def __iter__(self):
+        for step in range(self.start_step, self.num_steps):
+            yield self.micro_batches(step)
+
+    def _fill(self, rows: list[list[int]]):
+        """Row tensors for `rows` of dataset indices, samples laid end to end, and each sample's end over the
+        flattened [b * s] positions (a row's last sample ends at the row's end: its tail is padding)."""
+        b, s = len(rows), self.settings.seq_length
+        tokens, labels = torch.zeros(b, s, dtype=torch.long), torch.zeros(b, s, dtype=torch.long)
+        loss_mask, position_ids = torch.zeros(b, s), torch.arange(s).repeat(b, 1)
+        ends = []
+        for r, row in enumerate(rows):
+            at = 0
+            for index in row:
+                ids = torch.from_numpy(self.dataset.tokens(index))  # [n + 1]
+                answer = torch.from_numpy(self.dataset.answer_mask(index).astype(np.float32))  # [n + 1]
+                n = len(ids) - 1
+                tokens[r, at : at + n], labels[r, at : at + n] = ids[:-1], ids[1:]
+                loss_mask[r, at : at + n] = answer[1:]
+                position_ids[r, at : at + n] = torch.arange(n)
+                at += n
+                ends.append(r * s + at)
+            if row:  # the row's tail belongs to its last sample: positions run on
+                position_ids[r, at:] = torch.arange(n, n + s - at)
+                ends[-1] = (r + 1) * s
+        return tokens, labels, loss_mask, position_ids, ends
+
+    def _padded(self, samples: np.ndarray) -> SFTBatch:
+        tokens, labels, loss_mask, position_ids, _ = self._fill([[int(i)] for i in samples])
+        return SFTBatch(tokens, labels, loss_mask, position_ids, sample_index=torch.as_tensor(samples))
+
+    def _packed(self, rows: list[list[int]]) -> SFTBatch:
+        """Packed rows with `cu_seqlens` `[n + 1]`; empty padding rows come last, past cu_seqlens[-1]."""
+        b, s = len(rows), self.settings.seq_length
+        tokens, labels, loss_mask, position_ids, ends = self._fill(rows)
+        cu_seqlens = torch.tensor([0] + ends, dtype=torch.int64)
+        mask = packed_causal_mask(cu_seqlens, b, s) if self.packed_attention_mask else None
+        index = torch.tensor([i for row in rows for i in row], dtype=torch.long)
+        return SFTBatch(tokens, labels, loss_mask, position_ids, attention_mask=mask, cu_seqlens=cu_seqlens,
+                        sample_index=index)
+
+
+def check_batch_settings(dataset: SFTDataset, s: BatchSettings, dp_size: int) -> None:
+    """Refuse settings that cannot give whole global batches, naming the key."""
+    for key in ("seq_length", "micro_batch_size", "global_batch_size", "epochs"):
+        if getattr(s, key) < 1:
+            raise DataError(f"{key} must be at least 1, got {getattr(s, key)}")
+    divisor = dp_size if s.packing else dp_size * s.micro_batch_size
+    if s.global_batch_size % divisor:
+        what = "data-parallel size" if s.packing else "micro_batch_size x data-parallel size"
+        raise DataError(f"global_batch_size {s.global_batch_size} is not a multiple of {what} ({divisor})")
+    too_long = dataset.lengths > s.seq_length + 1
+    if too_long.any():
+        raise DataError(
+            f"{dataset.prefix}: {int(too_long.sum())} samples have more than seq_length + 1 = "
+            f"{s.seq_length + 1} tokens (longest {int(dataset.lengths.max())}); preprocess with "
+            f"--seq-length {s.seq_length} or raise seq_length"
+        )
+    if len(dataset) * s.epochs < s.global_batch_size:
+        raise DataError(
+            f"{dataset.prefix}: {len(dataset)} samples x {s.epochs} epochs is less than one global batch "
+            f"({s.global_batch_size})"
+        )

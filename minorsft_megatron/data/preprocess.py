@@ -1,0 +1,375 @@
+"""JSONL SFT records -> megatron-core IndexedDataset files of token ids and answer masks, plus a JSON sidecar.
+
+Outputs for `--output-prefix P`:
+  P_tokens.bin / .idx        token ids, one sequence per sample (megatron-core IndexedDataset)
+  P_answer_mask.bin / .idx   uint8, 1 where that token is an answer token (the loss mask before the shift:
+                             the label at position t is token t + 1, trained when answer_mask[t + 1] == 1)
+  P.json                     sidecar: tokenizer identity, template, settings, counts, fingerprint
+
+Sample i of the output is the i-th record kept, reading the inputs in order, whatever the worker count. The
+files are written under temporary names and renamed only once everything succeeded, sidecar last (an old
+sidecar is removed first), so a crash never leaves a dataset that loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from minorsft_megatron.data.records import RecordError, parse_record
+from minorsft_megatron.data.templates import ChatTemplate, resolve_template, tokenize_conversation
+from minorsft_megatron.data.tokenizer import SFTTokenizer, TokenizerError, load_tokenizer
+
+FORMAT_VERSION = 1
+TRUNCATE_MODES = ("answer", "drop")
+CHUNK_LINES = 256
+MAX_LISTED_BAD_RECORDS = 100
+
+
+class PreprocessError(ValueError):
+    """Input or settings that stop preprocessing; the message is one line, FILE:LINE first where known."""
+
+
+@dataclass
+class PreprocessSettings:
+    inputs: list[str]
+    """JSONL files, read in this order."""
+    tokenizer: str
+    """SentencePiece .model, Hugging Face tokenizer directory, or tiktoken vocabulary .json."""
+    output_prefix: str
+    """Output path prefix (see the module docstring for the files)."""
+    chat_template: str | None = None
+    """'auto', 'none', 'chatml', 'llama3'; None: 'auto' if the tokenizer has a template, else 'none'."""
+    seq_length: int | None = None
+    """Model positions per row: a sample of seq_length + 1 tokens fills them. None: no limit."""
+    truncate: str = "answer"
+    """Samples over seq_length + 1 tokens: 'answer' cuts their end, 'drop' leaves them out. Both counted."""
+    workers: int = 1
+    """Tokenizing processes. Does not change a byte of the output."""
+    skip_bad_records: bool = False
+    """Count and skip bad records (with a warning each) instead of stopping at the first."""
+
+
+def check_settings(s: PreprocessSettings) -> None:
+    if not s.inputs:
+        raise PreprocessError("--input: no input files given")
+    for path in s.inputs:
+        if not os.path.isfile(path):
+            raise PreprocessError(f"{path}: no such file")
+        if os.path.getsize(path) == 0:
+            raise PreprocessError(f"{path}: the file is empty")
+    if s.truncate not in TRUNCATE_MODES:
+        raise PreprocessError(f"--truncate {s.truncate!r} is not one of {', '.join(TRUNCATE_MODES)}")
+    if s.seq_length is not None and s.seq_length < 1:
+        raise PreprocessError(f"--seq-length must be at least 1, got {s.seq_length}")
+    if s.workers < 1:
+        raise PreprocessError(f"--workers must be at least 1, got {s.workers}")
+    out_dir = os.path.dirname(os.path.abspath(s.output_prefix))
+    if not os.path.isdir(out_dir):
+        raise PreprocessError(f"--output-prefix {s.output_prefix}: directory {out_dir} does not exist")
+
+
+def output_paths(prefix: str) -> dict[str, str]:
+    return {
+        "tokens_bin": f"{prefix}_tokens.bin", "tokens_idx": f"{prefix}_tokens.idx",
+        "mask_bin": f"{prefix}_answer_mask.bin", "mask_idx": f"{prefix}_answer_mask.idx",
+        "sidecar": f"{prefix}.json",
+    }
+
+
+def sha256_of_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(input_hashes: list[str], tokenizer: SFTTokenizer, template: ChatTemplate, s) -> str:
+    """Hash of everything that decides the output bytes: inputs, tokenizer files, template text, settings."""
+    identity = {
+        "format_version": FORMAT_VERSION, "inputs": input_hashes,
+        "tokenizer": [tokenizer.library, tokenizer.sha256], "chat_template": template.sha256,
+        "seq_length": s.seq_length, "truncate": s.truncate,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+# ---- per-record work (runs in worker processes) ------------------------------------------------------------
+
+@dataclass
+class _Job:
+    tokenizer: SFTTokenizer
+    template: ChatTemplate
+    seq_length: int | None
+    truncate: str
+
+
+_JOB: _Job | None = None
+
+
+def fit_to_length(ids: np.ndarray, mask: np.ndarray, seq_length: int | None, truncate: str):
+    """(ids, mask, status): status 'ok', 'truncated' (end cut to seq_length + 1 tokens) or 'dropped'.
+
+    A cut that leaves no answer token to predict (mask[1:] all 0) drops the sample instead.
+    """
+    if seq_length is None or len(ids) <= seq_length + 1:
+        return ids, mask, "ok"
+    if truncate == "drop":
+        return ids, mask, "dropped"
+    ids, mask = ids[: seq_length + 1], mask[: seq_length + 1]
+    return ids, mask, ("truncated" if mask[1:].any() else "dropped")
+
+
+def process_line(line: bytes):
+    """('sample', ids, mask, status) | ('blank',) | ('bad', message) for one JSONL line."""
+    job = _JOB
+    try:
+        messages = parse_record(line, job.tokenizer.special_tokens)
+        if messages is None:
+            return ("blank",)
+        ids, mask = tokenize_conversation(messages, job.template, job.tokenizer)
+    except RecordError as err:
+        return ("bad", str(err))
+    return ("sample", *fit_to_length(ids, mask, job.seq_length, job.truncate))
+
+
+def process_chunk(chunk):
+    return [(where, process_line(line)) for where, line in chunk]
+
+
+def read_chunks(paths: list[str]):
+    """Lists of ((file_index, line_number), raw line bytes), CHUNK_LINES at a time, in input order."""
+    chunk = []
+    for file_index, path in enumerate(paths):
+        with open(path, "rb") as f:
+            for line_number, line in enumerate(f, start=1):
+                chunk.append(((file_index, line_number), line))
+                if len(chunk) == CHUNK_LINES:
+                    yield chunk
+                    chunk = []
+    if chunk:
+        yield chunk
+
+
+def processed_lines(paths: list[str], workers: int):
+    """((file_index, line_number), result) for every line, in input order, computed by `workers` processes."""
+    if workers == 1:
+        for chunk in read_chunks(paths):
+            yield from process_chunk(chunk)
+        return
+    context = multiprocessing.get_context("fork")  # workers inherit the loaded tokenizer (_JOB)
+    with context.Pool(workers) as pool:
+        for results in pool.imap(process_chunk, read_chunks(paths), chunksize=1):
+            yield from results
+
+
+# ---- writing --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Counts:
+    records: int = 0
+    samples: int = 0
+    tokens: int = 0
+    answer_tokens: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    bad_records: int = 0
+    max_sample_tokens: int = 0
+    bad_record_list: list = field(default_factory=list)
+
+
+class _Writers:
+    """megatron-core IndexedDatasetBuilders for tokens and answer masks, under temporary names."""
+
+    def __init__(self, paths: dict[str, str], token_dtype):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.tmp = {k: f"{v}.tmp{os.getpid()}" for k, v in paths.items()}
+        self.tokens = IndexedDatasetBuilder(self.tmp["tokens_bin"], dtype=token_dtype)
+        self.mask = IndexedDatasetBuilder(self.tmp["mask_bin"], dtype=np.uint8)
+
+    def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        self.tokens.add_document(ids, [len(ids)])
+        self.mask.add_document(mask, [len(mask)])
+
+    def finalize(self) -> None:
+        self.tokens.finalize(self.tmp["tokens_idx"])
+        self.mask.finalize(self.tmp["mask_idx"])
+
+    def close(self) -> None:
+        for builder in (self.tokens, self.mask):
+            builder.data_file.close()
+
+    def remove_temporaries(self) -> None:
+        self.close()
+        for path in self.tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def commit(tmp: dict[str, str], final: dict[str, str]) -> None:
+    """Rename temporaries into place: old sidecar first out, new sidecar last in."""
+    if os.path.exists(final["sidecar"]):
+        os.remove(final["sidecar"])
+    for key in ("tokens_bin", "tokens_idx", "mask_bin", "mask_idx", "sidecar"):
+        os.replace(tmp[key], final[key])
+
+
+def _record_result(result, where, counts: Counts, writers: _Writers, s: PreprocessSettings, warn) -> None:
+    kind = result[0]
+    if kind == "blank":
+        return
+    counts.records += 1
+    location = f"{s.inputs[where[0]]}:{where[1]}"
+    if kind == "bad":
+        if not s.skip_bad_records:
+            raise PreprocessError(f"{location}: {result[1]}")
+        counts.bad_records += 1
+        if len(counts.bad_record_list) < MAX_LISTED_BAD_RECORDS:
+            counts.bad_record_list.append(f"{location}: {result[1]}")
+            warn(f"{location}: warning: skipped: {result[1]}")
+        return
+    _, ids, mask, status = result
+    if status == "dropped":
+        counts.dropped_too_long += 1
+        return
+    counts.truncated += status == "truncated"
+    writers.add(ids, mask)
+    counts.samples += 1
+    counts.tokens += len(ids)
+    counts.answer_tokens += int(mask.sum())
+    counts.max_sample_tokens = max(counts.max_sample_tokens, len(ids))
+
+
+def sidecar(s, tokenizer, template, input_hashes, counts: Counts, token_dtype, prefix) -> dict:
+    listed = counts.bad_record_list
+    numbers = {k: v for k, v in asdict(counts).items() if k != "bad_record_list"}
+    return {
+        "format": "minorsft-megatron SFT dataset", "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint(input_hashes, tokenizer, template, s),
+        "inputs": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "sha256": h}
+                   for p, h in zip(s.inputs, input_hashes)],
+        "tokenizer": tokenizer.identity,
+        "chat_template": {"name": template.name, "sha256": template.sha256},
+        "settings": {"seq_length": s.seq_length, "truncate": s.truncate},
+        "counts": numbers,
+        "bad_records_listed": listed,
+        "files": {"tokens": f"{os.path.basename(prefix)}_tokens", "answer_mask": f"{os.path.basename(prefix)}_answer_mask"},
+        "token_dtype": np.dtype(token_dtype).name,
+    }
+
+
+def preprocess(s: PreprocessSettings, log=print, warn=None) -> dict:
+    """Run the whole conversion; returns the sidecar dict. Raises PreprocessError (nothing left written)."""
+    global _JOB
+    from megatron.core.datasets.indexed_dataset import DType
+
+    warn = warn or (lambda message: print(message, file=sys.stderr))
+    check_settings(s)
+    try:
+        tokenizer = load_tokenizer(s.tokenizer)
+        template = resolve_template(s.chat_template, tokenizer)
+    except TokenizerError as err:
+        raise PreprocessError(str(err))
+    _JOB = _Job(tokenizer, template, s.seq_length, s.truncate)
+    input_hashes = [sha256_of_file(p) for p in s.inputs]
+    token_dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    final = output_paths(s.output_prefix)
+    counts, start = Counts(), time.perf_counter()
+    writers = _Writers(final, token_dtype)
+    try:
+        for where, result in processed_lines(s.inputs, s.workers):
+            _record_result(result, where, counts, writers, s, warn)
+        if counts.samples == 0:
+            raise PreprocessError(
+                f"{', '.join(s.inputs)}: no samples ({counts.records} records: {counts.bad_records} bad, "
+                f"{counts.dropped_too_long} too long)"
+            )
+        writers.finalize()
+        meta = sidecar(s, tokenizer, template, input_hashes, counts, token_dtype, s.output_prefix)
+        with open(writers.tmp["sidecar"], "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+            f.write("\n")
+        commit(writers.tmp, final)
+    except BaseException:
+        writers.remove_temporaries()
+        raise
+    finally:
+        _JOB = None
+    seconds = time.perf_counter() - start
+    log(summary(counts, seconds, template, final))
+    return meta
+
+
+def summary(c: Counts, seconds: float, template: ChatTemplate, final: dict[str, str]) -> str:
+    rate = max(seconds, 1e-9)
+    return (
+        f"{c.records} records -> {c.samples} samples, {c.tokens} tokens ({c.answer_tokens} answer tokens); "
+        f"truncated {c.truncated}, dropped (too long) {c.dropped_too_long}, bad records skipped "
+        f"{c.bad_records}; template {template.name}; {seconds:.2f} s, {c.samples / rate:.0f} samples/s, "
+        f"{c.tokens / rate:.0f} tokens/s\nwrote {final['tokens_bin'][:-len('_tokens.bin')]}"
+        "_{tokens,answer_mask}.{bin,idx} and .json"
+    )
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+
+class _Parser:
+    """argparse with one-line errors (usage on --help only)."""
+
+    def __new__(cls):
+        import argparse
+
+        class OneLineParser(argparse.ArgumentParser):
+            def error(self, message):
+                raise PreprocessError(f"{self.prog}: {message}")
+
+        p = OneLineParser(prog="preprocess_sft_data.py", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--input", nargs="+", required=True, metavar="FILE.jsonl", help="JSONL files, in order")
+        p.add_argument("--tokenizer", required=True, metavar="PATH",
+                       help="SentencePiece .model, Hugging Face tokenizer directory, or tiktoken vocabulary .json")
+        p.add_argument("--output-prefix", required=True, metavar="PREFIX")
+        p.add_argument("--chat-template", default=None, metavar="NAME",
+                       help="auto | none | chatml | llama3 (default: auto if the tokenizer has one, else none)")
+        p.add_argument("--seq-length", type=int, default=None, metavar="N",
+                       help="model positions per row; samples over N + 1 tokens follow --truncate")
+        p.add_argument("--truncate", default="answer", choices=TRUNCATE_MODES)
+        p.add_argument("--workers", type=int, default=1, metavar="K")
+        p.add_argument("--skip-bad-records", action="store_true",
+                       help="skip bad records with a counted warning instead of stopping")
+        return p
+
+
+def main(argv=None) -> int:
+    """Command line entry; returns the exit status (0, or 1 with one line on stderr)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")  # import-time notes about Apex/TE
+    try:
+        args = _Parser().parse_args(argv)
+        settings = PreprocessSettings(
+            inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
+            chat_template=args.chat_template, seq_length=args.seq_length, truncate=args.truncate,
+            workers=args.workers, skip_bad_records=args.skip_bad_records,
+        )
+        preprocess(settings)
+    except PreprocessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
