@@ -210,7 +210,7 @@ def test_skip_bad_records_counts_each(tmp_path, capsys):
     path.write_bytes(good + b"".join(line + b"\n" for line, _ in BAD_RECORDS.values()) + good)
     prefix = str(tmp_path / "out")
     assert main(["--input", str(path), "--tokenizer", SENTENCEPIECE_MODEL, "--output-prefix", prefix,
-                 "--chat-template", "chatml", "--skip-bad-records"]) == 0
+                 "--chat-template", "chatml", "--skip-bad-records", "--workers", "2"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == len(BAD_RECORDS) and all(": warning: skipped: " in e for e in err)
     counts = json.load(open(prefix + ".json"))["counts"]
