@@ -16,6 +16,9 @@ setup(
         "psutil",
         "numpy",
         "jinja2",
+        "tensorboard",
+        "tqdm",
+        "matplotlib",
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],

@@ -1,3 +1,13 @@
 """MinorSFT fine-tuning on NVIDIA Megatron-Core."""
 
+import warnings
+
 __version__ = "0.1.0"
+
+# Known, harmless notices that would otherwise open every command's output: megatron-core saying it falls back
+# to torch without Apex/Transformer Engine, and torch's ShardedTensor deprecation inside dist checkpointing.
+warnings.filterwarnings("ignore", message=r".*Apex (is|are) not installed", category=UserWarning)
+warnings.filterwarnings("ignore", message=r".*Transformer Engine and Apex are not installed", category=UserWarning)
+warnings.filterwarnings(
+    "ignore", category=FutureWarning, module=r"(torch\.distributed\.checkpoint|megatron\.core\.dist_checkpointing)"
+)

@@ -140,4 +140,24 @@ def _redirect_megatron_to_cpu() -> None:
     torch_on_cpu = _TorchOnCpu()
     for name in _MODULES_WITH_LITERAL_CUDA:
         importlib.import_module(name).torch = torch_on_cpu
+    # Gradient clipping asserts `grad.type() == 'torch.cuda.FloatTensor'` before scaling in place.
+    importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = _clip_on_cpu
     _redirected = True
+
+
+def _clip_on_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron-core's `clip_grad_by_total_norm_fp32` for CPU tensors: scale fp32 grads by max_norm / norm."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA's max allocated on a GPU, the resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30

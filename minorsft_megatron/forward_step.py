@@ -137,11 +137,11 @@ def collect_logp_sums(losses_reduced: list[dict]) -> tuple[torch.Tensor, torch.T
     )
 
 
-def check_schedule_config(config) -> None:
-    """The model config settings the exact normalisation relies on."""
+def check_schedule_config(config, forward_only: bool = False) -> None:
+    """The model config settings the exact normalisation relies on (gradients only with `forward_only` False)."""
     if not config.calculate_per_token_loss:
         raise ValueError("set calculate_per_token_loss=True: the losses divide once by the global denominator")
-    if config.finalize_model_grads_func is None:
+    if not forward_only and config.finalize_model_grads_func is None:
         raise ValueError("set finalize_model_grads_func (megatron.core.distributed.finalize_model_grads)")
 
 
@@ -171,7 +171,7 @@ def forward_backward(
 
     Returns the per-micro-batch statistics on the last pipeline stage (an empty list elsewhere).
     """
-    check_schedule_config(model[0].config)
+    check_schedule_config(model[0].config, forward_only)
     return get_forward_backward_func()(
         forward_step_func=make_forward_step(loss_function),
         data_iterator=iter(batches),

@@ -76,6 +76,7 @@ def build_gpt_model(
     rotary_base: int = 10000,
     qk_layernorm: bool = False,
     pg_collection=None,
+    rope_scaling_factor: float | None = None,
 ) -> GPTModel:
     """A GPTModel for this pipeline stage; `vocab_size` is the padded vocabulary (see padded_vocab_size)."""
     return GPTModel(
@@ -89,5 +90,70 @@ def build_gpt_model(
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         position_embedding_type=position_embedding_type,
         rotary_base=rotary_base,
+        rope_scaling=rope_scaling_factor is not None,
+        rope_scaling_factor=rope_scaling_factor or 8.0,
         pg_collection=pg_collection,
+    )
+
+
+# ---- from the training config -------------------------------------------------------------------------------
+
+VOCAB_MULTIPLE = 1024
+"""The embedding is padded to a multiple of this, whatever the TP size, so checkpoints load under any TP <= 8."""
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def checkpoint_vocab_size(vocab_size: int) -> int:
+    """Rows of the (TP-independent) padded embedding for a tokenizer of `vocab_size` entries."""
+    return padded_vocab_size(vocab_size, 1, divisible_by=VOCAB_MULTIPLE)
+
+
+def transformer_config(model_cfg, parallel_cfg, dtype: str, initialize: bool = True) -> TransformerConfig:
+    """megatron-core's TransformerConfig for `model_cfg` (config.ModelConfig) at this parallel layout, no dropout."""
+    torch_dtype = TORCH_DTYPES[dtype]
+    swiglu = model_cfg.activation == "swiglu"
+    return TransformerConfig(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        ffn_hidden_size=model_cfg.ffn_hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+        normalization=model_cfg.normalization,
+        layernorm_epsilon=model_cfg.norm_epsilon,
+        gated_linear_unit=swiglu,
+        activation_func=torch.nn.functional.silu if swiglu else torch.nn.functional.gelu,
+        add_bias_linear=False,
+        add_qkv_bias=model_cfg.add_qkv_bias,
+        qk_layernorm=model_cfg.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model_cfg.init_method_std,
+        tensor_model_parallel_size=parallel_cfg.tp,
+        pipeline_model_parallel_size=parallel_cfg.pp,
+        context_parallel_size=parallel_cfg.cp,
+        sequence_parallel=parallel_cfg.sp,
+        params_dtype=torch_dtype,
+        pipeline_dtype=torch_dtype,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        use_cpu_initialization=True,  # the full weights are drawn, then split: the same model under any TP
+        perform_initialization=initialize,
+        calculate_per_token_loss=True,
+    )
+
+
+def gpt_from_config(model_cfg, config: TransformerConfig, padded_vocab: int, pre_process: bool,
+                    post_process: bool) -> GPTModel:
+    """This pipeline stage's GPTModel for `model_cfg` (config.ModelConfig)."""
+    return build_gpt_model(
+        config,
+        vocab_size=padded_vocab,
+        max_sequence_length=model_cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        spec=model_cfg.spec,
+        share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+        rotary_base=model_cfg.rotary_base,
+        qk_layernorm=model_cfg.qk_layernorm,
+        rope_scaling_factor=model_cfg.rope_scaling_factor,
     )

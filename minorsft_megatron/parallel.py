@@ -50,3 +50,8 @@ def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
+
+
+def is_logging_rank() -> bool:
+    """The last rank: on the last pipeline stage, where losses and metrics live; it prints and writes logs."""
+    return dist.get_rank() == dist.get_world_size() - 1

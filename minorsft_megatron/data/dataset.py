@@ -179,42 +179,48 @@ class SFTBatches:
         for step in range(self.start_step, self.num_steps):
             yield self.micro_batches(step)
 
-    def _fill(self, rows: list[list[int]]):
-        """Row tensors for `rows` of dataset indices, samples laid end to end, and each sample's end over the
-        flattened [b * s] positions (a row's last sample ends at the row's end: its tail is padding)."""
-        b, s = len(rows), self.settings.seq_length
-        tokens, labels = torch.zeros(b, s, dtype=torch.long), torch.zeros(b, s, dtype=torch.long)
-        loss_mask, position_ids = torch.zeros(b, s), torch.arange(s).repeat(b, 1)
-        ends = []
-        for r, row in enumerate(rows):
-            at = 0
-            for index in row:
-                ids = torch.from_numpy(self.dataset.tokens(index))  # [n + 1]
-                answer = torch.from_numpy(self.dataset.answer_mask(index).astype(np.float32))  # [n + 1]
-                n = len(ids) - 1
-                tokens[r, at : at + n], labels[r, at : at + n] = ids[:-1], ids[1:]
-                loss_mask[r, at : at + n] = answer[1:]
-                position_ids[r, at : at + n] = torch.arange(n)
-                at += n
-                ends.append(r * s + at)
-            if row:  # the row's tail belongs to its last sample: positions run on
-                position_ids[r, at:] = torch.arange(n, n + s - at)
-                ends[-1] = (r + 1) * s
-        return tokens, labels, loss_mask, position_ids, ends
-
     def _padded(self, samples: np.ndarray) -> SFTBatch:
-        tokens, labels, loss_mask, position_ids, _ = self._fill([[int(i)] for i in samples])
-        return SFTBatch(tokens, labels, loss_mask, position_ids, sample_index=torch.as_tensor(samples))
+        return padded_micro_batch(self.dataset, samples, self.settings.seq_length)
 
     def _packed(self, rows: list[list[int]]) -> SFTBatch:
         """Packed rows with `cu_seqlens` `[n + 1]`; empty padding rows come last, past cu_seqlens[-1]."""
         b, s = len(rows), self.settings.seq_length
-        tokens, labels, loss_mask, position_ids, ends = self._fill(rows)
+        tokens, labels, loss_mask, position_ids, ends = fill_rows(self.dataset, rows, s)
         cu_seqlens = torch.tensor([0] + ends, dtype=torch.int64)
         mask = packed_causal_mask(cu_seqlens, b, s) if self.packed_attention_mask else None
         index = torch.tensor([i for row in rows for i in row], dtype=torch.long)
         return SFTBatch(tokens, labels, loss_mask, position_ids, attention_mask=mask, cu_seqlens=cu_seqlens,
                         sample_index=index)
+
+
+def fill_rows(dataset: SFTDataset, rows: list[list[int]], seq_length: int):
+    """Row tensors for `rows` of dataset indices, samples laid end to end, and each sample's end over the
+    flattened [b * s] positions (a row's last sample ends at the row's end: its tail is padding)."""
+    b, s = len(rows), seq_length
+    tokens, labels = torch.zeros(b, s, dtype=torch.long), torch.zeros(b, s, dtype=torch.long)
+    loss_mask, position_ids = torch.zeros(b, s), torch.arange(s).repeat(b, 1)
+    ends = []
+    for r, row in enumerate(rows):
+        at = 0
+        for index in row:
+            ids = torch.from_numpy(dataset.tokens(index))  # [n + 1]
+            answer = torch.from_numpy(dataset.answer_mask(index).astype(np.float32))  # [n + 1]
+            n = len(ids) - 1
+            tokens[r, at : at + n], labels[r, at : at + n] = ids[:-1], ids[1:]
+            loss_mask[r, at : at + n] = answer[1:]
+            position_ids[r, at : at + n] = torch.arange(n)
+            at += n
+            ends.append(r * s + at)
+        if row:  # the row's tail belongs to its last sample: positions run on
+            position_ids[r, at:] = torch.arange(n, n + s - at)
+            ends[-1] = (r + 1) * s
+    return tokens, labels, loss_mask, position_ids, ends
+
+
+def padded_micro_batch(dataset: SFTDataset, samples, seq_length: int) -> SFTBatch:
+    """One sample per row, in the order given."""
+    tokens, labels, loss_mask, position_ids, _ = fill_rows(dataset, [[int(i)] for i in samples], seq_length)
+    return SFTBatch(tokens, labels, loss_mask, position_ids, sample_index=torch.as_tensor(np.asarray(samples)))
 
 
 def check_batch_settings(dataset: SFTDataset, s: BatchSettings, dp_size: int) -> None:

@@ -1,0 +1,154 @@
+"""Checkpoints with megatron-core dist_checkpointing: loadable under another TP/PP, saved atomically.
+
+Layout of a save directory (Megatron's):
+  SAVE/iter_0000020/            a dist checkpoint: model, optimizer, and a common `state` entry holding the model
+                                config, scheduler, iteration, consumed samples and identities; rng/ per-rank RNG
+  SAVE/latest_checkpointed_iteration.txt
+A checkpoint is written to `iter_XXXXXXX.tmp`, renamed when every rank has finished, and only then named in
+the tracker file (itself replaced by rename). A process killed while saving leaves the previous checkpoint
+complete and selected; the stale `.tmp` is removed by the next save.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+
+import torch
+import torch.distributed as dist
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that holds no usable checkpoint; one line naming it."""
+
+
+def iteration_dir(save_dir: str, iteration: int) -> str:
+    return os.path.join(save_dir, f"iter_{iteration:07d}")
+
+
+def resolve(path: str) -> str:
+    """The checkpoint directory `path` names: itself if it is one, else the one its tracker file selects."""
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return path
+    tracker = os.path.join(path, TRACKER)
+    if not os.path.isfile(tracker):
+        raise CheckpointError(f"{path}: neither a checkpoint nor a directory with {TRACKER}")
+    with open(tracker) as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker}: expected an iteration number, got {text!r}")
+    selected = iteration_dir(path, int(text))
+    if not os.path.isfile(os.path.join(selected, "metadata.json")):
+        raise CheckpointError(f"{tracker}: selects {selected}, which is not a complete checkpoint")
+    return selected
+
+
+def has_checkpoint(path: str | None) -> bool:
+    return path is not None and os.path.isfile(os.path.join(path, TRACKER))
+
+
+def read_state(path: str) -> dict:
+    """The common `state` entry of the checkpoint at `path` (no model needed): config, identities, counters."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(resolve(path))
+    if "state" not in common:
+        raise CheckpointError(f"{path}: not a minorsft-megatron checkpoint (no 'state' entry)")
+    return common["state"]
+
+
+def _model_and_optimizer(model, optimizer, loading: bool) -> dict:
+    model_sd = model.sharded_state_dict()
+    entries = {"model": model_sd}
+    if optimizer is not None:
+        entries["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading)
+    return entries
+
+
+def _rank_file(path: str) -> str:
+    return os.path.join(path, "rng", f"rank_{dist.get_rank():05d}.pt")
+
+
+def rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(saved: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(saved["torch"])
+    get_cuda_rng_tracker().set_states(saved["tracker"])
+    if saved["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"])
+
+
+def new_checkpoint_id() -> str:
+    """A fresh identity, the same on every rank."""
+    ident = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(ident, src=0)
+    return ident[0]
+
+
+def save(save_dir: str, iteration: int, model, optimizer, state: dict, keep: int | None = None) -> str:
+    """Save on every rank (collective); returns the checkpoint directory. `state` must be the same on all ranks."""
+    from megatron.core import dist_checkpointing
+
+    final = iteration_dir(save_dir, iteration)
+    tmp = f"{final}.tmp"
+    if dist.get_rank() == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    entries = _model_and_optimizer(model, optimizer, loading=False)
+    entries["state"] = dict(state, checkpoint_id=new_checkpoint_id(), iteration=iteration)
+    dist_checkpointing.save(entries, tmp)
+    os.makedirs(os.path.dirname(_rank_file(tmp)), exist_ok=True)
+    torch.save(rng_state(), _rank_file(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _commit(tmp, final, save_dir, iteration)
+        _prune(save_dir, keep)
+    dist.barrier()
+    return final
+
+
+def _commit(tmp: str, final: str, save_dir: str, iteration: int) -> None:
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    tracker_tmp = os.path.join(save_dir, f"{TRACKER}.tmp")
+    with open(tracker_tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tracker_tmp, os.path.join(save_dir, TRACKER))
+
+
+def _prune(save_dir: str, keep: int | None) -> None:
+    if keep is None:
+        return
+    names = sorted(n for n in os.listdir(save_dir) if n.startswith("iter_") and n[5:].isdigit())
+    for name in names[:-keep]:
+        shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+
+
+def load(path: str, model, optimizer=None, restore_rng: bool = True) -> dict:
+    """Load `path` (a checkpoint or a save directory) into `model` (and `optimizer`); returns its state."""
+    from megatron.core import dist_checkpointing
+
+    directory = resolve(path)
+    entries = _model_and_optimizer(model, optimizer, loading=True)
+    loaded = dist_checkpointing.load(entries, directory)
+    model.load_state_dict(loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    rank_file = _rank_file(directory)
+    if restore_rng and os.path.isfile(rank_file):
+        set_rng_state(torch.load(rank_file, weights_only=False))
+    return read_state(directory)

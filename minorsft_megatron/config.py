@@ -1,0 +1,331 @@
+"""The training configuration: small dataclasses read from YAML, overridden by `key=value`, validated up front.
+
+Every problem is a ConfigError naming the file and the dotted key; nothing is built before the whole config
+has been checked. Defaults follow the paper where it speaks (beta 0.04, warmup ratio 0.1, linear decay,
+dropout 0 - dropout is not configurable: fine-tuning here always runs without it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from minorsft_megatron.loss import LOSSES
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+class ConfigError(ValueError):
+    """A config problem, one line: FILE: key: what is wrong."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    """MLP width (per branch of SwiGLU)."""
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention; None: as many as attention heads."""
+    vocab_size: int | None = None
+    """Tokenizer vocabulary; None: taken from the training data's sidecar. Padded to a multiple of 1024."""
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    rope_scaling_factor: float | None = None
+    """Llama 3.1 RoPE scaling (low/high frequency factors 1 and 4, original length 8192); None: off."""
+    normalization: str = "RMSNorm"
+    """RMSNorm or LayerNorm."""
+    norm_epsilon: float = 1e-5
+    activation: str = "swiglu"
+    """swiglu (gated SiLU: Llama, Qwen, Mistral) or gelu."""
+    add_qkv_bias: bool = False
+    """Bias on the QKV projection (Qwen2)."""
+    qk_layernorm: bool = False
+    """RMSNorm on queries and keys per head (Qwen3)."""
+    tie_embeddings: bool = False
+    """Share the input embedding and the output layer."""
+    spec: str = "local"
+    """megatron-core layer spec: local, or te (Transformer Engine, GPU)."""
+    init_method_std: float = 0.02
+    """Std of the random initialisation (used when no starting checkpoint is given)."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    sp: bool = False
+    """Sequence parallelism (needs tp > 1)."""
+    cp: int = 1
+    """Context-parallel size (needs the te spec)."""
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "bf16"
+    """Policy compute and parameter dtype: bf16, fp16 or fp32 (the optimizer keeps fp32 master weights)."""
+
+
+@dataclass
+class LossConfig:
+    name: str = "minor_sft"
+    """sft | sft_seq | minor_sft | sft_dpo."""
+    beta: float = 0.04
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 2e-5
+    min_lr: float = 0.0
+    warmup_ratio: float = 0.1
+    """Fraction of the training steps with linear warmup from 0."""
+    decay: str = "linear"
+    """linear or cosine decay to min_lr after warmup."""
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 turns it off."""
+    distributed: bool = False
+    """megatron-core's distributed optimizer (optimizer state sharded over data-parallel ranks; GPU)."""
+
+
+@dataclass
+class DataConfig:
+    prefix: str = ""
+    """Output prefix of tools/preprocess_sft_data.py."""
+    seq_length: int = 2048
+    packing: bool = False
+    micro_batch_size: int = 1
+    """Rows per micro-batch."""
+    global_batch_size: int = 64
+    """Samples per optimizer step."""
+    epochs: int = 1
+    seed: int = 1234
+    """Shuffling seed."""
+
+
+@dataclass
+class ReferenceConfig:
+    mode: str = "colocated"
+    """colocated (a frozen second model beside the policy), cache (log-probs from `score`), none (no reference:
+    sft and sft_seq only; m_theta is then not logged)."""
+    cache: str | None = None
+    """Reference cache JSONL written by `python -m minorsft_megatron.score` (mode cache)."""
+    precision: str = "bf16"
+    """Dtype of the co-located reference's weights and forward."""
+    offload: bool = False
+    """Keep the co-located reference's weights in CPU memory between its forwards."""
+
+
+@dataclass
+class CheckpointConfig:
+    init: str | None = None
+    """Starting checkpoint (megatron-core dist checkpoint); None: random initialisation from `seed`."""
+    save: str | None = None
+    """Where to save; None: OUTPUT_DIR/checkpoints."""
+    load: str | None = None
+    """Resume from here; None: resume from `save` when it holds a checkpoint."""
+    interval: int = 0
+    """Save every N steps (0: only at the end)."""
+    keep: int | None = None
+    """Keep the newest N checkpoints (None: all)."""
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    """Steps between console lines (every step goes to metrics.jsonl and TensorBoard)."""
+    tensorboard: bool = True
+    progress_bar: bool | None = None
+    """None: when stdout is a terminal."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/minor_sft"
+    """Run directory: metrics.jsonl, tensorboard/, checkpoints/, config.yaml."""
+    seed: int = 1234
+    """Initialisation and RNG seed."""
+    device: str | None = None
+    """cuda or cpu; None: cuda when available."""
+    train_steps: int | None = None
+    """Length of the run and of its learning-rate schedule; None: all steps of data.epochs."""
+    stop_at_step: int | None = None
+    """Save and stop once this iteration is reached (a time-limited job); the same command resumes."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    return " or ".join("null" if a is type(None) else a.__name__ for a in typing.get_args(tp)) \
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp.__name__
+
+
+def _check_value(value, tp, where: str):
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def from_dict(cls, data, source: str, prefix: str = ""):
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types (named by dotted key)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the config'}: expected a mapping, got "
+                          f"{type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{source}: {prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
+    values = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            values[key] = from_dict(tp, value, source, f"{prefix}{key}.")
+        else:
+            values[key] = _check_value(value, tp, f"{source}: {prefix}{key}")
+    return cls(**values)
+
+
+def apply_override(data: dict, override: str, source: str = "command line") -> None:
+    """Set `a.b.c=value` (value read as YAML) in the nested mapping `data`."""
+    if "=" not in override:
+        raise ConfigError(f"{source}: {override!r}: expected key=value")
+    key, text = override.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: {key}: cannot read value {text!r}: {str(err).splitlines()[0]}")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
+    """Read, override and validate; raises ConfigError naming the file and key."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}")
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}")
+    for override in overrides:
+        apply_override(data, override)
+    config = from_dict(TrainConfig, data, path)
+    validate(config, path)
+    return config
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+# ---- checks -------------------------------------------------------------------------------------------------
+
+def _require(ok: bool, source: str, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{source}: {key}: {message}")
+
+
+def _choice(value, choices, source, key):
+    _require(value in choices, source, key, f"{value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def validate(c: TrainConfig, source: str = "config", world_size: int | None = None) -> None:
+    """Checks that need no model and no data beyond file existence."""
+    m, p = c.model, c.parallel
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "max_position_embeddings"):
+        _require(getattr(m, key) >= 1, source, f"model.{key}", "must be at least 1")
+    _require(m.hidden_size % m.num_attention_heads == 0, source, "model.num_attention_heads",
+             f"must divide hidden_size {m.hidden_size}")
+    groups = m.num_query_groups or m.num_attention_heads
+    _require(m.num_attention_heads % groups == 0, source, "model.num_query_groups",
+             f"must divide num_attention_heads {m.num_attention_heads}")
+    _choice(m.normalization, ("RMSNorm", "LayerNorm"), source, "model.normalization")
+    _choice(m.activation, ("swiglu", "gelu"), source, "model.activation")
+    _choice(m.spec, ("local", "te"), source, "model.spec")
+    for key in ("tp", "pp", "cp"):
+        _require(getattr(p, key) >= 1, source, f"parallel.{key}", "must be at least 1")
+    _require(groups % p.tp == 0, source, "parallel.tp", f"must divide the {groups} query groups")
+    _require(m.num_layers % p.pp == 0, source, "parallel.pp", f"must divide num_layers {m.num_layers}")
+    _require(not p.sp or p.tp > 1, source, "parallel.sp", "needs parallel.tp > 1")
+    _require(p.cp == 1 or m.spec == "te", source, "parallel.cp", "context parallelism needs model.spec: te")
+    _choice(c.precision.dtype, DTYPES, source, "precision.dtype")
+    _choice(c.loss.name, tuple(LOSSES), source, "loss.name")
+    _require(c.loss.beta > 0, source, "loss.beta", "must be positive")
+    o = c.optimizer
+    _require(o.lr > 0 and 0 <= o.min_lr <= o.lr, source, "optimizer.lr", "need lr > 0 and 0 <= min_lr <= lr")
+    _require(0 <= o.warmup_ratio < 1, source, "optimizer.warmup_ratio", "must be in [0, 1)")
+    _choice(o.decay, ("linear", "cosine"), source, "optimizer.decay")
+    _require(o.clip_grad >= 0, source, "optimizer.clip_grad", "must be >= 0")
+    d = c.data
+    _require(bool(d.prefix), source, "data.prefix", "is required")
+    _require(os.path.isfile(f"{d.prefix}.json"), source, "data.prefix",
+             f"{d.prefix}.json not found (run tools/preprocess_sft_data.py first)")
+    for key in ("seq_length", "micro_batch_size", "global_batch_size", "epochs"):
+        _require(getattr(d, key) >= 1, source, f"data.{key}", "must be at least 1")
+    _require(d.seq_length <= m.max_position_embeddings, source, "data.seq_length",
+             f"exceeds model.max_position_embeddings {m.max_position_embeddings}")
+    _require(not p.sp or d.seq_length % p.tp == 0, source, "data.seq_length",
+             "must be a multiple of parallel.tp under sequence parallelism")
+    _require(d.seq_length % (2 * p.cp) == 0 or p.cp == 1, source, "data.seq_length",
+             "must be a multiple of 2 * parallel.cp")
+    r = c.reference
+    _choice(r.mode, ("colocated", "cache", "none"), source, "reference.mode")
+    _choice(r.precision, DTYPES, source, "reference.precision")
+    if r.mode == "cache":
+        _require(r.cache is not None, source, "reference.cache", "is required with reference.mode: cache")
+        _require(os.path.isfile(r.cache), source, "reference.cache", f"{r.cache}: no such file")
+    if r.mode == "none":
+        _require(not LOSSES[c.loss.name].needs_reference, source, "reference.mode",
+                 f"loss {c.loss.name} needs a reference (colocated or cache)")
+    ck = c.checkpoint
+    _require(ck.interval >= 0, source, "checkpoint.interval", "must be >= 0")
+    _require(ck.keep is None or ck.keep >= 1, source, "checkpoint.keep", "must be at least 1")
+    if ck.init is not None:
+        _require(os.path.isdir(ck.init), source, "checkpoint.init", f"{ck.init}: no such directory")
+    _require(c.logging.interval >= 1, source, "logging.interval", "must be at least 1")
+    _require(c.train_steps is None or c.train_steps >= 1, source, "train_steps", "must be at least 1")
+    _require(c.stop_at_step is None or c.stop_at_step >= 1, source, "stop_at_step", "must be at least 1")
+    _choice(c.device, (None, "cuda", "cpu"), source, "device")
+    if world_size is not None:
+        model_parallel = p.tp * p.pp * p.cp
+        _require(world_size % model_parallel == 0, source, "parallel",
+                 f"tp x pp x cp = {model_parallel} does not divide the {world_size} processes")

@@ -1,0 +1,170 @@
+"""Per-sample answer log-prob sums of a checkpoint on a dataset: the reference cache, and a deviation meter.
+
+    torchrun --nproc-per-node N -m minorsft_megatron.score --load CKPT [--tp T --pp P]
+        (--data PREFIX | --jsonl FILE --tokenizer PATH [--chat-template NAME]) --out FILE.jsonl
+        [--precision bf16|fp16|fp32] [--micro-batch-size B] [--reference BASE.jsonl]
+
+Writes FILE.jsonl, one line per sample in sample order whatever the layout:
+`{"index": i, "logp_sum": float, "num_answer_tokens": int}`, and FILE.jsonl.meta.json with the checkpoint's
+identity and the dataset's fingerprint (a training run given this cache checks both). With `--reference`
+(a cache of the base model on the same data) it also prints m_theta, the mean of (logp - ref_logp) / m: how
+far this checkpoint has moved from its base. `--load` alone is enough: the checkpoint holds its model config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from minorsft_megatron import checkpoint, parallel
+from minorsft_megatron.config import DTYPES, ConfigError, ParallelConfig, TrainConfig, from_dict
+from minorsft_megatron.data.dataset import SFTDataset, padded_micro_batch
+from minorsft_megatron.device import setup_device
+from minorsft_megatron.forward_step import SFTLossFunction, collect_logp_sums, forward_backward
+from minorsft_megatron.reference import read_cache, write_cache
+from minorsft_megatron.train import build_model, run_main
+
+SEQ_MULTIPLE = 8
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minorsft_megatron.score", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint directory, or a save directory (its latest)")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", metavar="PREFIX", help="a dataset written by tools/preprocess_sft_data.py")
+    data.add_argument("--jsonl", metavar="FILE", help="SFT records, preprocessed on the fly (needs --tokenizer)")
+    p.add_argument("--tokenizer", help="with --jsonl")
+    p.add_argument("--chat-template", default=None, help="with --jsonl (default: auto if available, else none)")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl")
+    p.add_argument("--precision", choices=DTYPES, default=None,
+                   help="default: the checkpoint config's reference.precision")
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--reference", metavar="BASE.jsonl", help="a cache of the base model: print m_theta against it")
+    args = p.parse_args(argv)
+    if args.jsonl and not args.tokenizer:
+        p.error("--jsonl needs --tokenizer")
+    return args
+
+
+def checkpoint_config(path: str, tp: int, pp: int) -> tuple[TrainConfig, dict]:
+    state = checkpoint.read_state(path)
+    cfg = from_dict(TrainConfig, state["config"], f"{path} (saved config)")
+    cfg.parallel = ParallelConfig(tp=tp, pp=pp)
+    return cfg, state
+
+
+def prepare_dataset(args, workdir: str) -> str:
+    """The dataset prefix to score: --data, or --jsonl preprocessed by rank 0 into `workdir`."""
+    if args.data:
+        return args.data
+    prefix = os.path.join(workdir, "data")
+    if dist.get_rank() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        from minorsft_megatron.data.preprocess import PreprocessError, PreprocessSettings, preprocess
+
+        try:
+            preprocess(PreprocessSettings(inputs=[args.jsonl], tokenizer=args.tokenizer, output_prefix=prefix,
+                                          chat_template=args.chat_template), log=lambda *_: None)
+        except PreprocessError as err:
+            raise ConfigError(str(err))
+    dist.barrier()
+    return prefix
+
+
+def rank_micro_batches(dataset: SFTDataset, seq_length: int, mbs: int, dp_rank: int, dp_size: int):
+    """This DP rank's contiguous share of all samples, in micro-batches of `mbs` rows. Every rank runs the same
+    number; short ones repeat their first sample in rows marked not to keep. Returns (batches, keep masks)."""
+    n = len(dataset)
+    per_rank = math.ceil(math.ceil(n / dp_size) / mbs) * mbs
+    mine = np.arange(dp_rank * per_rank, min((dp_rank + 1) * per_rank, n))
+    keep = np.zeros(per_rank, dtype=bool)
+    keep[: len(mine)] = True
+    filler = mine[0] if len(mine) else 0
+    rows = np.concatenate([mine, np.full(per_rank - len(mine), filler)])
+    batches = [padded_micro_batch(dataset, rows[i : i + mbs], seq_length) for i in range(0, per_rank, mbs)]
+    return batches, keep
+
+
+def score(args) -> None:
+    from megatron.core import parallel_state
+
+    cfg, state = checkpoint_config(args.load, args.tp, args.pp)
+    precision = args.precision or cfg.reference.precision
+    device = setup_device(cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else None)
+    pgs = parallel.initialize(device, tp=args.tp, pp=args.pp, seed=cfg.seed)
+    workdir = f"{args.out}.tmp-data"  # --jsonl is preprocessed here by rank 0, removed at the end
+    try:
+        dataset = SFTDataset(prepare_dataset(args, workdir))
+        seq_length = int(math.ceil((dataset.lengths.max() - 1) / SEQ_MULTIPLE) * SEQ_MULTIPLE)
+        model, _ = build_model(cfg, precision, state["vocab_size"], device, initialize=False)
+        loaded = checkpoint.load(args.load, model, restore_rng=False)
+        model.eval()
+        batches, keep = rank_micro_batches(dataset, seq_length, args.micro_batch_size,
+                                           parallel_state.get_data_parallel_rank(),
+                                           parallel_state.get_data_parallel_world_size())
+        loss_fn = SFTLossFunction("sft", 0.04, vocab_size=state["vocab_size"], tp_group=pgs.tp, cp_group=pgs.cp)
+        with torch.no_grad():
+            stats = forward_backward([model], [b.to(device) for b in batches], loss_fn, seq_length,
+                                     args.micro_batch_size, forward_only=True)
+        part = None
+        if stats and parallel_state.get_tensor_model_parallel_rank() == 0:
+            logp_sum, counts = collect_logp_sums(stats)
+            index = torch.cat([b.sample_index for b in batches])
+            k = torch.from_numpy(keep)
+            part = (index[k].tolist(), logp_sum.cpu().double()[k].tolist(), counts.cpu()[k].tolist())
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(part, parts, dst=0)
+        if dist.get_rank() == 0:
+            write_result(args, [p for p in parts if p is not None], dataset, loaded, precision)
+        dist.barrier()
+    finally:
+        if dist.get_rank() == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def write_result(args, parts, dataset, loaded_state, precision) -> None:
+    index = [i for p in parts for i in p[0]]
+    order = np.argsort(index, kind="stable")
+    index = np.asarray(index)[order]
+    logp_sum = np.asarray([s for p in parts for s in p[1]])[order]
+    counts = np.asarray([c for p in parts for c in p[2]])[order]
+    assert index.tolist() == list(range(len(dataset))), "every sample scored exactly once"
+    meta = {
+        "checkpoint": {"path": os.path.abspath(checkpoint.resolve(args.load)),
+                       "checkpoint_id": loaded_state["checkpoint_id"], "iteration": loaded_state["iteration"]},
+        "dataset": {"prefix": os.path.abspath(dataset.prefix) if args.data else args.jsonl,
+                    "fingerprint": dataset.fingerprint},
+        "precision": precision, "layout": {"tp": args.tp, "pp": args.pp, "world": dist.get_world_size()},
+        "num_samples": len(index),
+    }
+    write_cache(args.out, index, logp_sum, counts, meta)
+    valid = counts > 0
+    line = (f"scored {len(index)} samples: mean log-prob per answer token "
+            f"{(logp_sum[valid] / counts[valid]).mean():.4f}; wrote {args.out} and {args.out}.meta.json")
+    if args.reference:
+        ref_meta, ref_sum, ref_counts = read_cache(args.reference)
+        if ref_meta["dataset"]["fingerprint"] != dataset.fingerprint:
+            raise ConfigError(f"--reference {args.reference}: scored on another dataset "
+                              f"({ref_meta['dataset']['fingerprint'][:12]}, not {dataset.fingerprint[:12]})")
+        m_theta = ((logp_sum - ref_sum.numpy())[valid] / counts[valid]).mean()
+        line += f"\nm_theta against {args.reference}: {m_theta:+.6f}"
+    print(line, flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_main(lambda: score(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
