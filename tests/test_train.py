@@ -1,0 +1,151 @@
+"""The trainer end to end on CPU processes: co-located reference against the cache, step-0 weights, exact
+resumption, a crash while saving, and config errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from minorsft_megatron.config import ConfigError, load_config
+from minorsft_megatron.data.preprocess import PreprocessSettings, preprocess
+from minorsft_megatron.reference import CachedReference, ReferenceCacheError, write_cache
+from tests.distributed import spawn
+from tests.tokenizers_for_tests import DATA, REPO, SENTENCEPIECE_MODEL
+from tests.train_workers import run_commands
+
+TIMING_KEYS = {"tokens_per_s", "seconds_per_iteration", "memory_gib"}
+
+
+@pytest.fixture(scope="module")
+def data_prefix(tmp_path_factory):
+    prefix = str(tmp_path_factory.mktemp("data") / "train")
+    preprocess(PreprocessSettings(inputs=[os.path.join(DATA, "sft_train.jsonl")], tokenizer=SENTENCEPIECE_MODEL,
+                                  output_prefix=prefix, chat_template="chatml", seq_length=128),
+               log=lambda *_: None)
+    return prefix
+
+
+def tiny_config(tmp_path, data_prefix, **sections) -> str:
+    config = {
+        "seed": 7, "device": "cpu", "output_dir": str(tmp_path / "run"),
+        "model": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
+                  "num_query_groups": 2, "max_position_embeddings": 128},
+        "precision": {"dtype": "fp32"},
+        "optimizer": {"lr": 2e-3, "warmup_ratio": 0.0, "clip_grad": 1.0},
+        "data": {"prefix": data_prefix, "seq_length": 128, "micro_batch_size": 4, "global_batch_size": 8},
+        "reference": {"precision": "fp32"},
+        "logging": {"interval": 100, "tensorboard": False},
+    }
+    for key, value in sections.items():
+        config.setdefault(key, {}).update(value) if isinstance(value, dict) else config.update({key: value})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def metrics(run_dir) -> list[dict]:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_colocated_reference_equals_cache_and_step_zero_weights_are_one(tmp_path, data_prefix, tp, pp):
+    config = tiny_config(tmp_path, data_prefix, parallel={"tp": tp, "pp": pp})
+    init, cache = str(tmp_path / "init"), str(tmp_path / "ref.jsonl")
+    common = [f"checkpoint.init={init}", "train_steps=3"]
+    spawn(2, run_commands, [
+        ("init", [config, init]),
+        ("score", ["--load", init, "--tp", str(tp), "--pp", str(pp), "--data", data_prefix, "--out", cache,
+                   "--micro-batch-size", "5"]),
+        ("train", ["--config", config, *common, f"output_dir={tmp_path / 'colocated'}"]),
+        ("train", ["--config", config, *common, f"output_dir={tmp_path / 'cache'}", "reference.mode=cache",
+                   f"reference.cache={cache}"]),
+    ], out_dir=tmp_path / "job", timeout=300)
+    colocated, cached = metrics(tmp_path / "colocated"), metrics(tmp_path / "cache")
+    assert [r["iteration"] for r in colocated] == [1, 2, 3]
+    first = colocated[0]
+    assert first["weight_min"] == first["weight_max"] == 1.0 and first["m_theta"] == 0.0
+    for a, b in zip(colocated, cached):
+        for key in ("loss", "m_theta", "weight_mean", "grad_norm", "logp_per_token"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["iteration"], key)
+    assert colocated[-1]["loss"] < colocated[0]["loss"] and colocated[-1]["m_theta"] > 0
+
+
+def test_resume_continues_bitwise(tmp_path, data_prefix):
+    config = tiny_config(tmp_path, data_prefix, parallel={"tp": 2}, logging={"tensorboard": True})
+    straight, halves = f"output_dir={tmp_path / 'straight'}", f"output_dir={tmp_path / 'halves'}"
+    spawn(2, run_commands, [
+        ("train", ["--config", config, "train_steps=4", straight]),
+        ("train", ["--config", config, "train_steps=4", "stop_at_step=2", halves]),
+        ("train", ["--config", config, "train_steps=4", halves]),
+    ], out_dir=tmp_path / "job", timeout=300)
+    assert metrics(tmp_path / "straight") == metrics(tmp_path / "halves")
+    assert os.listdir(tmp_path / "straight" / "tensorboard")
+
+
+def test_killed_while_saving_leaves_the_previous_checkpoint(tmp_path, data_prefix):
+    config = tiny_config(tmp_path, data_prefix, parallel={"tp": 2}, checkpoint={"interval": 2})
+    argv = ["--config", config, "train_steps=6"]
+    with pytest.raises(AssertionError, match="exit codes"):
+        spawn(2, run_commands, [("train", argv)], "iter_0000004", out_dir=tmp_path / "crash", timeout=300)
+    saves = tmp_path / "run" / "checkpoints"
+    assert (saves / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert sorted(os.listdir(saves)) == ["iter_0000002", "iter_0000004.tmp", "latest_checkpointed_iteration.txt"]
+    spawn(2, run_commands, [("train", argv)], out_dir=tmp_path / "resume", timeout=300)
+    rows = metrics(tmp_path / "run")
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 3, 4, 5, 6]  # the crashed run logged 3 and 4
+    assert rows[2:4] == rows[4:6]  # resumed from iteration 2, the same steps again
+    assert sorted(os.listdir(saves)) == ["iter_0000002", "iter_0000004", "iter_0000006",
+                                         "latest_checkpointed_iteration.txt"]
+
+
+def test_cache_of_another_dataset_or_checkpoint_is_refused(tmp_path):
+    path = str(tmp_path / "ref.jsonl")
+    meta = {"checkpoint": {"checkpoint_id": "abc", "path": "/ckpt/base", "iteration": 0},
+            "dataset": {"fingerprint": "f" * 64, "prefix": "/data/a"}}
+    write_cache(path, [0, 1], [-3.0, -4.0], [2, 3], meta)
+    CachedReference(path, "f" * 64, "abc")
+    with pytest.raises(ReferenceCacheError, match=r"computed on dataset ffffffffffff \(/data/a\), but this run "
+                                                  r"trains on dataset 000000000000"):
+        CachedReference(path, "0" * 64, "abc")
+    with pytest.raises(ReferenceCacheError, match=r"checkpoint abc \(/ckpt/base\), but this run starts from xyz"):
+        CachedReference(path, "f" * 64, "xyz")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.hidden_sise=64", "model.hidden_sise: unknown key"),
+    ("model.hidden_size=wide", "model.hidden_size: expected int, got str 'wide'"),
+    ("optimizer.lr=[1]", "optimizer.lr: expected float, got list"),
+    ("loss.name=dpo", "loss.name: 'dpo' is not one of"),
+    ("parallel.tp=3", "parallel.tp: must divide the 2 query groups"),
+    ("parallel.sp=true", "parallel.sp: needs parallel.tp > 1"),
+    ("reference.mode=cache", "reference.cache: is required with reference.mode: cache"),
+    ("reference.mode=none", "reference.mode: loss minor_sft needs a reference"),
+    ("data.prefix=/nowhere/data", "data.prefix: /nowhere/data.json not found"),
+    ("data.seq_length=4096", "data.seq_length: exceeds model.max_position_embeddings 128"),
+    ("optimizer.decay=step", "optimizer.decay: 'step' is not one of linear, cosine"),
+    ("trainsteps=3", "trainsteps: unknown key"),
+])
+def test_config_errors_name_file_and_key(tmp_path, data_prefix, override, message):
+    config = tiny_config(tmp_path, data_prefix)
+    with pytest.raises(ConfigError) as err:
+        load_config(config, [override])
+    assert str(err.value).startswith(f"{config}: ") or str(err.value).startswith("command line")
+    assert message in str(err.value)
+
+
+def test_config_error_on_the_command_line_is_one_line(tmp_path, data_prefix):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"data:\n  prefix: {data_prefix}\nmodel:\n  num_layers: 2\n  colour: blue\n")
+    proc = subprocess.run([sys.executable, "-m", "minorsft_megatron.train", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {config}: model.colour: unknown key (known: "
+                                                + proc.stderr.split("(known: ")[1].strip()]
+    bad_yaml = tmp_path / "broken.yaml"
+    bad_yaml.write_text("model:\n  num_layers: [2\n")
+    with pytest.raises(ConfigError, match=rf"{bad_yaml}:3: not valid YAML"):
+        load_config(str(bad_yaml))
