@@ -126,6 +126,9 @@ class ReferenceConfig:
     """Dtype of the co-located reference's weights and forward."""
     offload: bool = False
     """Keep the co-located reference's weights in CPU memory between its forwards."""
+    micro_batch_size: int | None = None
+    """Rows per micro-batch of the co-located reference's forward: a multiple of data.micro_batch_size (it keeps
+    no activations, so it can run larger ones); None: data.micro_batch_size."""
 
 
 @dataclass
@@ -310,6 +313,9 @@ def validate(c: TrainConfig, source: str = "config", world_size: int | None = No
     r = c.reference
     _choice(r.mode, ("colocated", "cache", "none"), source, "reference.mode")
     _choice(r.precision, DTYPES, source, "reference.precision")
+    if r.micro_batch_size is not None:
+        _require(r.micro_batch_size >= 1 and r.micro_batch_size % d.micro_batch_size == 0, source,
+                 "reference.micro_batch_size", f"must be a multiple of data.micro_batch_size {d.micro_batch_size}")
     if r.mode == "cache":
         _require(r.cache is not None, source, "reference.cache", "is required with reference.mode: cache")
         _require(os.path.isfile(r.cache), source, "reference.cache", f"{r.cache}: no such file")

@@ -53,6 +53,27 @@ class SFTBatch:
         return SFTBatch(**moved)
 
 
+def merge_micro_batches(batches: list[SFTBatch]) -> SFTBatch:
+    """One micro-batch holding the rows of `batches` in order (for a forward-only pass at a larger size)."""
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+
+    def cat(key):
+        values = [getattr(b, key) for b in batches]
+        return None if values[0] is None else torch.cat(values)
+
+    cu_seqlens = None
+    if first.cu_seqlens is not None:
+        offsets, parts = 0, [first.cu_seqlens[:1]]
+        for b in batches:
+            parts.append(b.cu_seqlens[1:] + offsets)
+            offsets += b.tokens.numel()
+        cu_seqlens = torch.cat(parts)
+    return SFTBatch(cat("tokens"), cat("labels"), cat("loss_mask"), cat("position_ids"), cat("attention_mask"),
+                    cu_seqlens, cat("ref_logp_sum"), cat("sample_index"))
+
+
 def packed_causal_mask(cu_seqlens: torch.Tensor, batch_size: int, seq_length: int) -> torch.Tensor:
     """[b, 1, s, s] bool attention mask for packed rows on the local spec: True where attention is blocked.
 

@@ -15,7 +15,12 @@ import os
 
 import torch
 
-from minorsft_megatron.forward_step import SFTLossFunction, collect_logp_sums, forward_backward
+from minorsft_megatron.forward_step import (
+    SFTLossFunction,
+    collect_logp_sums,
+    forward_backward,
+    merge_micro_batches,
+)
 
 
 class ReferenceCacheError(ValueError):
@@ -84,10 +89,14 @@ class CachedReference:
 
 
 class ColocatedReference:
-    """A frozen GPTModel with the policy's layout, run forward-only through the same pipeline schedule."""
+    """A frozen GPTModel with the policy's layout, run forward-only through the same pipeline schedule.
 
-    def __init__(self, model, loss_function: SFTLossFunction, device, offload: bool = False):
+    `merge` policy micro-batches are scored as one larger micro-batch (when they divide evenly).
+    """
+
+    def __init__(self, model, loss_function: SFTLossFunction, device, offload: bool = False, merge: int = 1):
         self.model, self.loss_function, self.device, self.offload = model, loss_function, device, offload
+        self.merge = merge
         self.model.eval()
         for param in self.model.parameters():
             param.requires_grad_(False)
@@ -97,9 +106,11 @@ class ColocatedReference:
     @torch.no_grad()
     def attach(self, micro_batches, seq_length: int, micro_batch_size: int) -> None:
         """Score the whole global batch; on the last stage, set each micro-batch's `ref_logp_sum`."""
+        k = self.merge if len(micro_batches) % self.merge == 0 else 1
+        batches = [merge_micro_batches(micro_batches[i : i + k]) for i in range(0, len(micro_batches), k)]
         if self.offload:
             self.model.to(self.device)
-        stats = forward_backward([self.model], micro_batches, self.loss_function, seq_length, micro_batch_size,
+        stats = forward_backward([self.model], batches, self.loss_function, seq_length, micro_batch_size * k,
                                  forward_only=True)
         if self.offload:
             self.model.to("cpu")

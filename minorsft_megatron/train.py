@@ -98,7 +98,8 @@ def build_reference(cfg: TrainConfig, policy: Policy, vocab: int, device, pgs, d
     model, _ = build_model(cfg, cfg.reference.precision, vocab, device, initialize=False)
     unwrap(model).load_state_dict(unwrap(policy.model).state_dict())  # cast to the reference's dtype
     loss_fn = SFTLossFunction("sft", cfg.loss.beta, vocab_size=vocab, tp_group=pgs.tp, cp_group=pgs.cp)
-    return ColocatedReference(model, loss_fn, device, offload=cfg.reference.offload)
+    merge = (cfg.reference.micro_batch_size or cfg.data.micro_batch_size) // cfg.data.micro_batch_size
+    return ColocatedReference(model, loss_fn, device, offload=cfg.reference.offload, merge=merge)
 
 
 def layout(cfg: TrainConfig) -> dict:

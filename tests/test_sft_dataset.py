@@ -136,3 +136,22 @@ def test_refusals(dataset, tmp_path):
     (tmp_path / "train.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="the sidecar says 1201"):
         SFTDataset(str(link))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_merged_micro_batches_give_the_same_per_sample_sums(dataset, packing):
+    """merge_micro_batches (the co-located reference's larger forward) keeps every sample's sum and order."""
+    from minorsft_megatron.forward_step import merge_micro_batches
+    from minorsft_megatron.logprobs import sequence_sums
+
+    batches = SFTBatches(dataset, BatchSettings(SEQ, 2, 24, packing=packing, seed=5)).micro_batches(1)
+    assert len(batches) >= 2
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(b.tokens.shape, generator=gen, dtype=torch.float64) for b in batches]
+    separate = torch.cat([sequence_sums(v, b.loss_mask, b.cu_seqlens) for v, b in zip(values, batches)])
+    merged = merge_micro_batches(batches)
+    assert torch.equal(merged.sample_index, torch.cat([b.sample_index for b in batches]))
+    together = sequence_sums(torch.cat(values), merged.loss_mask, merged.cu_seqlens)
+    torch.testing.assert_close(together, separate, rtol=0, atol=1e-12)
+    if packing:
+        assert merged.attention_mask.shape == (merged.tokens.size(0), 1, SEQ, SEQ)

@@ -51,9 +51,11 @@ def metrics(run_dir) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_colocated_reference_equals_cache_and_step_zero_weights_are_one(tmp_path, data_prefix, tp, pp):
-    config = tiny_config(tmp_path, data_prefix, parallel={"tp": tp, "pp": pp})
+@pytest.mark.parametrize("tp,pp,packing", [(2, 1, False), (1, 2, True)])
+def test_colocated_reference_equals_cache_and_step_zero_weights_are_one(tmp_path, data_prefix, tp, pp, packing):
+    """The reference scores two policy micro-batches as one (reference.micro_batch_size), padded or packed."""
+    config = tiny_config(tmp_path, data_prefix, parallel={"tp": tp, "pp": pp}, data={"packing": packing},
+                         reference={"micro_batch_size": 8})
     init, cache = str(tmp_path / "init"), str(tmp_path / "ref.jsonl")
     common = [f"checkpoint.init={init}", "train_steps=3"]
     spawn(2, run_commands, [
@@ -149,3 +151,23 @@ def test_config_error_on_the_command_line_is_one_line(tmp_path, data_prefix):
     bad_yaml.write_text("model:\n  num_layers: [2\n")
     with pytest.raises(ConfigError, match=rf"{bad_yaml}:3: not valid YAML"):
         load_config(str(bad_yaml))
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "qwen2_7b_minor_sft.yaml", "llama3_8b_minor_sft.yaml"])
+def test_example_configs_are_valid(data_prefix, name):
+    """Every key of the bundled configs exists and has the right type (their data and checkpoints are replaced)."""
+    overrides = [f"data.prefix={data_prefix}", "checkpoint.init=null"]
+    config = load_config(os.path.join(REPO, "examples", name), overrides)
+    assert config.loss.beta == 0.04 and config.optimizer.warmup_ratio == 0.1 and config.optimizer.decay == "linear"
+
+
+def test_launchers(tmp_path):
+    env = dict(os.environ, NNODES="2", NODE_RANK="1", MASTER_ADDR="node0", GPUS_PER_NODE="8", DRY_RUN="1")
+    out = subprocess.run(["bash", os.path.join(REPO, "launch", "torchrun.sh"), "my.yaml", "optimizer.lr=1e-4"],
+                         env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "torchrun"
+    assert out[-4:] == ["minorsft_megatron.train", "--config", "my.yaml", "optimizer.lr=1e-4"]
+    flags = dict(zip(out[1:-5:2], out[2:-5:2]))
+    assert flags == {"--nnodes": "2", "--node-rank": "1", "--nproc-per-node": "8", "--master-addr": "node0",
+                     "--master-port": "29500"}
+    subprocess.run(["bash", "-n", os.path.join(REPO, "launch", "slurm.sbatch")], check=True)
