@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-2}
+mkdir -p runs/data
 
 python tools/preprocess_sft_data.py --input examples/data/sft_train.jsonl \
     --tokenizer examples/data/tokenizer.model --chat-template chatml --seq-length 128 \
