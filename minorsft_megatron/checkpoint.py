@@ -138,8 +138,10 @@ def _prune(save_dir: str, keep: int | None) -> None:
         shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
 
 
-def load(path: str, model, optimizer=None, restore_rng: bool = True) -> dict:
-    """Load `path` (a checkpoint or a save directory) into `model` (and `optimizer`); returns its state."""
+def load(path: str, model, optimizer=None, layout: dict | None = None) -> dict:
+    """Load `path` (a checkpoint or a save directory) into `model` (and `optimizer`); returns its state.
+
+    The RNG states are restored only when `layout` is the layout the checkpoint was saved under."""
     from megatron.core import dist_checkpointing
 
     directory = resolve(path)
@@ -148,7 +150,8 @@ def load(path: str, model, optimizer=None, restore_rng: bool = True) -> dict:
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+    state = read_state(directory)
     rank_file = _rank_file(directory)
-    if restore_rng and os.path.isfile(rank_file):
+    if layout is not None and state.get("layout") == layout and os.path.isfile(rank_file):
         set_rng_state(torch.load(rank_file, weights_only=False))
-    return read_state(directory)
+    return state

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from minorsft_megatron.logprobs import (
+    all_reduce,
     context_parallel_sum,
     sample_ids,
     sequence_sums,
@@ -174,9 +175,8 @@ def reduce_step_metrics(losses_reduced: list[dict], dp_cp_group, has_reference: 
     """
     sum_stats = torch.stack([d["sum_stats"] for d in losses_reduced]).sum(dim=0)
     max_stats = torch.stack([d["max_stats"] for d in losses_reduced]).amax(dim=0)
-    if dp_cp_group is not None and dist.get_world_size(dp_cp_group) > 1:
-        dist.all_reduce(sum_stats, op=dist.ReduceOp.SUM, group=dp_cp_group)
-        dist.all_reduce(max_stats, op=dist.ReduceOp.MAX, group=dp_cp_group)
+    all_reduce(sum_stats, dist.ReduceOp.SUM, dp_cp_group)
+    all_reduce(max_stats, dist.ReduceOp.MAX, dp_cp_group)
     return metrics_from_stats(sum_stats, max_stats, has_reference)
 
 

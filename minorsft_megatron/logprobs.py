@@ -19,7 +19,8 @@ def _rank_and_size(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _all_reduce(tensor: torch.Tensor, op, group) -> None:
+def all_reduce(tensor: torch.Tensor, op, group) -> None:
+    """In-place all-reduce over `group`; nothing to do for None or a group of one."""
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(tensor, op=op, group=group)
 
@@ -48,14 +49,14 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             logits[..., max(vocab_size - vocab_start, 0) :] = float("-inf")
 
         logits_max = logits.max(dim=-1)[0]  # [...]
-        _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
+        all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
         target_mask, masked_target_1d, predicted_logits, sum_exp_logits, exp_logits = (
             VocabParallelCrossEntropy.calculate_predicted_logits(
                 logits, labels, logits_max, vocab_start, vocab_end
             )
         )
-        _all_reduce(predicted_logits, dist.ReduceOp.SUM, tp_group)
-        _all_reduce(sum_exp_logits, dist.ReduceOp.SUM, tp_group)
+        all_reduce(predicted_logits, dist.ReduceOp.SUM, tp_group)
+        all_reduce(sum_exp_logits, dist.ReduceOp.SUM, tp_group)
         softmax, nll = VocabParallelCrossEntropy.calculate_cross_entropy_loss(
             exp_logits, predicted_logits, sum_exp_logits
         )

@@ -107,7 +107,7 @@ def score(args) -> None:
         dataset = SFTDataset(prepare_dataset(args, workdir))
         seq_length = int(math.ceil((dataset.lengths.max() - 1) / SEQ_MULTIPLE) * SEQ_MULTIPLE)
         model, _ = build_model(cfg, precision, state["vocab_size"], device, initialize=False)
-        loaded = checkpoint.load(args.load, model, restore_rng=False)
+        loaded = checkpoint.load(args.load, model)
         model.eval()
         batches, keep = rank_micro_batches(dataset, seq_length, args.micro_batch_size,
                                            parallel_state.get_data_parallel_rank(),

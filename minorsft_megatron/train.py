@@ -152,16 +152,14 @@ def train(cfg: TrainConfig, source: str) -> dict:
     policy = build_policy(cfg, vocab, device, total_steps)
     start_id = None
     if cfg.checkpoint.init is not None:
-        start_id = checkpoint.load(cfg.checkpoint.init, policy.model, restore_rng=False)["checkpoint_id"]
+        start_id = checkpoint.load(cfg.checkpoint.init, policy.model)["checkpoint_id"]
     reference = build_reference(cfg, policy, vocab, device, pgs, dataset, start_id)
 
     save_dir = cfg.checkpoint.save or os.path.join(cfg.output_dir, "checkpoints")
     iteration, consumed = 0, 0
     resumed_from = resume_path(cfg, save_dir)
     if resumed_from is not None:
-        saved = checkpoint.read_state(resumed_from)
-        state = checkpoint.load(resumed_from, policy.model, policy.optimizer,
-                                restore_rng=saved.get("layout") == layout(cfg))
+        state = checkpoint.load(resumed_from, policy.model, policy.optimizer, layout=layout(cfg))
         check_resumed_state(state, resumed_from, dataset, start_id)
         policy.scheduler.load_state_dict(state["scheduler"])
         iteration, consumed = state["iteration"], state["consumed_samples"]
