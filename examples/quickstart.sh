@@ -11,9 +11,9 @@ python tools/preprocess_sft_data.py --input examples/data/sft_train.jsonl \
     --tokenizer examples/data/tokenizer.model --chat-template chatml --seq-length 128 \
     --output-prefix runs/data/sft_train --workers 2
 
-torchrun --nproc-per-node "$NPROC" -m minorsft_megatron.train --config examples/tiny_cpu.yaml
-torchrun --nproc-per-node "$NPROC" -m minorsft_megatron.train --config examples/tiny_cpu.yaml \
-    loss.name=sft_seq output_dir=runs/tiny_cpu_sft_seq
+export GPUS_PER_NODE=$NPROC
+launch/torchrun.sh examples/tiny_cpu.yaml
+launch/torchrun.sh examples/tiny_cpu.yaml loss.name=sft_seq output_dir=runs/tiny_cpu_sft_seq
 
 python tools/plot_metrics.py runs/tiny_cpu runs/tiny_cpu_sft_seq --labels minor_sft sft_seq \
     --out runs/tiny_cpu/metrics.png

@@ -26,6 +26,9 @@ MODULE=${MODULE:-minorsft_megatron.train}
 if [[ -z "${GPUS_PER_NODE:-}" ]]; then
     GPUS_PER_NODE=$(python -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
+if [[ "$MODULE" == minorsft_megatron.train && -z "${DRY_RUN:-}" ]]; then
+    python -m minorsft_megatron.config --config "$CONFIG" "$@"   # one-line errors before any process starts
+fi
 CMD=(torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE"
      --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
      -m "$MODULE" --config "$CONFIG" "$@")

@@ -335,3 +335,39 @@ def validate(c: TrainConfig, source: str = "config", world_size: int | None = No
         model_parallel = p.tp * p.pp * p.cp
         _require(world_size % model_parallel == 0, source, "parallel",
                  f"tp x pp x cp = {model_parallel} does not divide the {world_size} processes")
+
+
+def check_for_device(c: TrainConfig, source: str, device_type: str) -> None:
+    """What the device cannot do: on a CPU, megatron-core's distributed and mixed-precision optimizers."""
+    if device_type == "cuda":
+        return
+    _require(not c.optimizer.distributed, source, "optimizer.distributed",
+             "megatron-core's distributed optimizer needs CUDA")
+    _require(c.precision.dtype == "fp32", source, "precision.dtype",
+             f"{c.precision.dtype} training needs CUDA (megatron-core's mixed-precision optimizer takes CUDA "
+             "tensors only); use fp32 on a CPU")
+
+
+def main(argv=None) -> int:
+    """`python -m minorsft_megatron.config --config FILE [key=value ...]`: check a config before launching."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m minorsft_megatron.config", description=main.__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        import torch
+
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_for_device(config, args.config, device)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

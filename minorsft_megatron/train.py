@@ -20,7 +20,7 @@ import torch.distributed as dist
 import yaml
 
 from minorsft_megatron import checkpoint, parallel
-from minorsft_megatron.config import ConfigError, TrainConfig, load_config, to_dict, validate
+from minorsft_megatron.config import ConfigError, TrainConfig, check_for_device, load_config, to_dict, validate
 from minorsft_megatron.data.dataset import BatchSettings, DataError, SFTBatches, SFTDataset
 from minorsft_megatron.device import peak_memory_gib, setup_device
 from minorsft_megatron.forward_step import SFTLossFunction, forward_backward, reduce_step_metrics
@@ -138,8 +138,7 @@ def train(cfg: TrainConfig, source: str) -> dict:
 
     device = setup_device(cfg.device)
     validate(cfg, source, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    if cfg.optimizer.distributed and device.type != "cuda":
-        raise ConfigError(f"{source}: optimizer.distributed: megatron-core's distributed optimizer needs CUDA")
+    check_for_device(cfg, source, device.type)
     dataset = SFTDataset(cfg.data.prefix)
     vocab = cfg.model.vocab_size or dataset.meta["tokenizer"]["vocab_size"]
     pgs = parallel.initialize(device, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.seed)

@@ -62,10 +62,17 @@ def test_colocated_reference_equals_cache_and_step_zero_weights_are_one(tmp_path
         ("init", [config, init]),
         ("score", ["--load", init, "--tp", str(tp), "--pp", str(pp), "--data", data_prefix, "--out", cache,
                    "--micro-batch-size", "5"]),
+        ("score", ["--load", init, "--tp", str(pp), "--pp", str(tp), "--data", data_prefix, "--out", f"{cache}.x"]),
         ("train", ["--config", config, *common, f"output_dir={tmp_path / 'colocated'}"]),
         ("train", ["--config", config, *common, f"output_dir={tmp_path / 'cache'}", "reference.mode=cache",
                    f"reference.cache={cache}"]),
     ], out_dir=tmp_path / "job", timeout=300)
+    same = [json.loads(line) for line in open(cache)]  # scored again under the transposed layout
+    other = [json.loads(line) for line in open(f"{cache}.x")]
+    assert [r["index"] for r in same] == [r["index"] for r in other] == list(range(len(same)))
+    assert [r["num_answer_tokens"] for r in same] == [r["num_answer_tokens"] for r in other]
+    for a, b in zip(same, other):
+        assert b["logp_sum"] == pytest.approx(a["logp_sum"], rel=1e-5)
     colocated, cached = metrics(tmp_path / "colocated"), metrics(tmp_path / "cache")
     assert [r["iteration"] for r in colocated] == [1, 2, 3]
     first = colocated[0]
@@ -161,7 +168,7 @@ def test_example_configs_are_valid(data_prefix, name):
     assert config.loss.beta == 0.04 and config.optimizer.warmup_ratio == 0.1 and config.optimizer.decay == "linear"
 
 
-def test_launchers(tmp_path):
+def test_launchers(tmp_path, data_prefix):
     env = dict(os.environ, NNODES="2", NODE_RANK="1", MASTER_ADDR="node0", GPUS_PER_NODE="8", DRY_RUN="1")
     out = subprocess.run(["bash", os.path.join(REPO, "launch", "torchrun.sh"), "my.yaml", "optimizer.lr=1e-4"],
                          env=env, capture_output=True, text=True, check=True).stdout.split()
@@ -171,3 +178,10 @@ def test_launchers(tmp_path):
     assert flags == {"--nnodes": "2", "--node-rank": "1", "--nproc-per-node": "8", "--master-addr": "node0",
                      "--master-port": "29500"}
     subprocess.run(["bash", "-n", os.path.join(REPO, "launch", "slurm.sbatch")], check=True)
+    bad = subprocess.run(["bash", os.path.join(REPO, "launch", "torchrun.sh"), os.path.join(REPO, "examples",
+                          "tiny_cpu.yaml"), "precision.dtype=fp16", "device=cpu", f"data.prefix={data_prefix}"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == [
+        f"error: {REPO}/examples/tiny_cpu.yaml: precision.dtype: fp16 training needs CUDA (megatron-core's "
+        "mixed-precision optimizer takes CUDA tensors only); use fp32 on a CPU"]
