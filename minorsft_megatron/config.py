@@ -34,6 +34,8 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_query_groups: int | None = None
     """Key/value heads for grouped-query attention; None: as many as attention heads."""
+    kv_channels: int | None = None
+    """Head dimension; None: hidden_size / num_attention_heads (Qwen3 sets its own)."""
     vocab_size: int | None = None
     """Tokenizer vocabulary; None: taken from the training data's sidecar. Padded to a multiple of 1024."""
     max_position_embeddings: int = 4096
@@ -276,8 +278,8 @@ def validate(c: TrainConfig, source: str = "config", world_size: int | None = No
     m, p = c.model, c.parallel
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "max_position_embeddings"):
         _require(getattr(m, key) >= 1, source, f"model.{key}", "must be at least 1")
-    _require(m.hidden_size % m.num_attention_heads == 0, source, "model.num_attention_heads",
-             f"must divide hidden_size {m.hidden_size}")
+    _require(m.kv_channels is not None or m.hidden_size % m.num_attention_heads == 0, source,
+             "model.num_attention_heads", f"must divide hidden_size {m.hidden_size} (or set model.kv_channels)")
     groups = m.num_query_groups or m.num_attention_heads
     _require(m.num_attention_heads % groups == 0, source, "model.num_query_groups",
              f"must divide num_attention_heads {m.num_attention_heads}")

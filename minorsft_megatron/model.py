@@ -51,6 +51,9 @@ def local_block_spec(config: TransformerConfig, qk_layernorm: bool = False, vp_s
     layer = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=config.normalization)
     layer.submodules.input_layernorm = TorchNorm
     layer.submodules.pre_mlp_layernorm = TorchNorm
+    if qk_layernorm:  # Qwen3's per-head norms: usable under sequence parallelism too
+        layer.submodules.self_attention.submodules.q_layernorm = TorchNorm
+        layer.submodules.self_attention.submodules.k_layernorm = TorchNorm
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TorchNorm)
 
@@ -118,6 +121,7 @@ def transformer_config(model_cfg, parallel_cfg, dtype: str, initialize: bool = T
         ffn_hidden_size=model_cfg.ffn_hidden_size,
         num_attention_heads=model_cfg.num_attention_heads,
         num_query_groups=model_cfg.num_query_groups,
+        kv_channels=model_cfg.kv_channels,
         normalization=model_cfg.normalization,
         layernorm_epsilon=model_cfg.norm_epsilon,
         gated_linear_unit=swiglu,
