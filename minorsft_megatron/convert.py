@@ -240,6 +240,27 @@ class Staging:
         return mapped
 
 
+def park_entry(entry, tensor: torch.Tensor, staging: Staging):
+    """`entry` holding `tensor`, parked. A ShardedTensorFactory (SwiGLU's fc1: gate and up) is built here and
+    each piece parked in a file of its own: megatron-core's writer copies any tensor that is a view into a
+    larger storage, which would hold all of them in memory at once."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    if not isinstance(entry, ShardedTensorFactory):
+        entry.data = staging.park(tensor)
+        return entry
+    entry.data = tensor
+    built = entry.build()
+
+    def park(piece):
+        if isinstance(piece, ShardedTensor):
+            piece.data = staging.park(piece.data.contiguous())
+        return piece
+
+    return dict_list_map_inplace(park, built)
+
+
 def meta_sharded_state_dict(train_cfg, vocab_size: int) -> dict:
     """megatron-core's sharded state dict of the whole model (TP = PP = 1) built on the meta device: the keys,
     shapes and layer offsets of a checkpoint, with no memory behind them."""
@@ -261,6 +282,20 @@ class _Prepared:
         return self.sharded
 
 
+def allocate_large_tensors_with_mmap() -> None:
+    """glibc raises its mmap threshold after each large free, so later tensors of a few MB come from the heap
+    and freed ones are not given back: memory creeps up with the model's size. A fixed 1 MiB threshold keeps
+    every tensor in its own mapping, returned on free. No-op where glibc's mallopt is absent."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def single_process_group() -> None:
     """A one-process gloo group and megatron-core parallel state (TP = PP = 1) for the conversion itself."""
     import torch.distributed as dist
@@ -271,6 +306,7 @@ def single_process_group() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         return
+    allocate_large_tensors_with_mmap()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29000 + os.getpid() % 1000))
@@ -317,7 +353,7 @@ def hf_to_megatron(hf_dir: str, out: str, spec: str = "local", dtype: str = "bf1
             if tuple(tensor.shape) != tuple(entry.data.shape):
                 raise ConversionError(f"{key}: converted shape {tuple(tensor.shape)}, the model expects "
                                       f"{tuple(entry.data.shape)}")
-            entry.data = staging.park(tensor)
+            sharded[key] = park_entry(entry, tensor, staging)
             del tensor
             if n % 10 == 0 or n == len(todo):
                 log(f"[{n}/{len(todo)}] {key}")
