@@ -241,7 +241,7 @@ def apply_override(data: dict, override: str, source: str = "command line") -> N
 
 
 def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
-    """Read, override and validate; raises ConfigError naming the file and key."""
+    """Read, override, take the model from `checkpoint.init` if given, validate; ConfigError names file and key."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
@@ -254,8 +254,29 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
     for override in overrides:
         apply_override(data, override)
     config = from_dict(TrainConfig, data, path)
+    config.explicit_model_keys = set((data.get("model") or {}).keys())  # see adopt_model_config
+    if config.checkpoint.init is not None and os.path.isdir(config.checkpoint.init):
+        from minorsft_megatron.checkpoint import CheckpointError, read_state
+
+        try:
+            saved_model = read_state(config.checkpoint.init)["config"]["model"]
+        except CheckpointError as err:
+            raise ConfigError(f"{path}: checkpoint.init: {err}")
+        adopt_model_config(config, saved_model, path, config.checkpoint.init)
     validate(config, path)
     return config
+
+
+def adopt_model_config(c: TrainConfig, saved_model: dict, source: str, checkpoint_path: str) -> None:
+    """Take the model architecture from a starting checkpoint. Keys the config set itself must agree with it
+    (model.spec excepted: local or te is a choice of implementation, not of model)."""
+    saved = from_dict(ModelConfig, saved_model, f"{checkpoint_path} (saved config)")
+    for key in sorted(getattr(c, "explicit_model_keys", set()) - {"spec"}):
+        mine, theirs = getattr(c.model, key), getattr(saved, key)
+        _require(mine == theirs, source, f"model.{key}",
+                 f"{mine!r} here but {theirs!r} in checkpoint.init {checkpoint_path}; leave it out to use the checkpoint's")
+    saved.spec = c.model.spec
+    c.model = saved
 
 
 def to_dict(config) -> dict:

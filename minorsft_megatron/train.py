@@ -20,7 +20,14 @@ import torch.distributed as dist
 import yaml
 
 from minorsft_megatron import checkpoint, parallel
-from minorsft_megatron.config import ConfigError, TrainConfig, check_for_device, load_config, to_dict, validate
+from minorsft_megatron.config import (
+    ConfigError,
+    TrainConfig,
+    check_for_device,
+    load_config,
+    to_dict,
+    validate,
+)
 from minorsft_megatron.data.dataset import BatchSettings, DataError, SFTBatches, SFTDataset
 from minorsft_megatron.device import peak_memory_gib, setup_device
 from minorsft_megatron.forward_step import SFTLossFunction, forward_backward, reduce_step_metrics
@@ -141,6 +148,9 @@ def train(cfg: TrainConfig, source: str) -> dict:
     check_for_device(cfg, source, device.type)
     dataset = SFTDataset(cfg.data.prefix)
     vocab = cfg.model.vocab_size or dataset.meta["tokenizer"]["vocab_size"]
+    if dataset.meta["tokenizer"]["vocab_size"] > vocab:
+        raise ConfigError(f"{source}: model.vocab_size: {vocab} is smaller than the tokenizer's "
+                          f"{dataset.meta['tokenizer']['vocab_size']} tokens (data.prefix {cfg.data.prefix})")
     pgs = parallel.initialize(device, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.seed)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     d = cfg.data
@@ -149,9 +159,10 @@ def train(cfg: TrainConfig, source: str) -> dict:
     total_steps = min(total_steps, cfg.train_steps or total_steps)
 
     policy = build_policy(cfg, vocab, device, total_steps)
-    start_id = None
+    start_id, hf_origin = None, None
     if cfg.checkpoint.init is not None:
-        start_id = checkpoint.load(cfg.checkpoint.init, policy.model)["checkpoint_id"]
+        start = checkpoint.load(cfg.checkpoint.init, policy.model)
+        start_id, hf_origin = start["checkpoint_id"], start.get("hf")  # Hugging Face config and tokenizer files
     reference = build_reference(cfg, policy, vocab, device, pgs, dataset, start_id)
 
     save_dir = cfg.checkpoint.save or os.path.join(cfg.output_dir, "checkpoints")
@@ -178,7 +189,7 @@ def train(cfg: TrainConfig, source: str) -> dict:
     def state_to_save():
         return {"config": to_dict(cfg), "vocab_size": vocab, "scheduler": policy.scheduler.state_dict(),
                 "consumed_samples": consumed, "dataset_fingerprint": dataset.fingerprint,
-                "start_checkpoint_id": start_id, "layout": layout(cfg)}
+                "start_checkpoint_id": start_id, "layout": layout(cfg), "hf": hf_origin}
 
     record = {}
     last_stage = parallel_state.is_pipeline_last_stage()

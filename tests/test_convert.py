@@ -129,3 +129,21 @@ def test_command_line_refusal_is_one_line(tmp_path):
         "error: architecture FalconForCausalLM is not supported; supported: LlamaForCausalLM, "
         "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"]
     assert not (tmp_path / "out").exists()
+
+
+def test_training_config_takes_the_model_from_the_starting_checkpoint(converted, tmp_path):
+    from minorsft_megatron.config import ConfigError, load_config
+    from minorsft_megatron.data.preprocess import PreprocessSettings, preprocess
+    from tests.tokenizers_for_tests import DATA, SENTENCEPIECE_MODEL
+
+    prefix = str(tmp_path / "data")
+    preprocess(PreprocessSettings(inputs=[f"{DATA}/sft_eval.jsonl"], tokenizer=SENTENCEPIECE_MODEL,
+                                  output_prefix=prefix, chat_template="chatml"), log=lambda *_: None)
+    init = str(converted / "qwen3" / "megatron")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{prefix: {prefix}, seq_length: 128}}\nparallel: {{tp: 2}}\n")
+    cfg = load_config(str(config), [f"checkpoint.init={init}", "model.spec=te", "model.num_layers=2"])
+    assert (cfg.model.qk_layernorm, cfg.model.kv_channels, cfg.model.hidden_size) == (True, 24, 64)
+    assert cfg.model.spec == "te"
+    with pytest.raises(ConfigError, match=rf"model.hidden_size: 128 here but 64 in checkpoint.init {init}"):
+        load_config(str(config), [f"checkpoint.init={init}", "model.hidden_size=128"])
