@@ -53,8 +53,9 @@ class ModelConfig:
     """RMSNorm on queries and keys per head (Qwen3)."""
     tie_embeddings: bool = False
     """Share the input embedding and the output layer."""
-    spec: str = "local"
-    """megatron-core layer spec: local, or te (Transformer Engine, GPU)."""
+    spec: str = "auto"
+    """megatron-core layer spec: te (Transformer Engine, GPU), local, or auto (te where Transformer Engine imports
+    on a GPU, local otherwise)."""
     init_method_std: float = 0.02
     """Std of the random initialisation (used when no starting checkpoint is given)."""
 
@@ -75,6 +76,10 @@ class ParallelConfig:
 class PrecisionConfig:
     dtype: str = "bf16"
     """Policy compute and parameter dtype: bf16, fp16 or fp32 (the optimizer keeps fp32 master weights)."""
+    fp8: str | None = None
+    """FP8 compute through Transformer Engine: null, hybrid (e4m3 forward, e5m2 gradients) or e4m3 (GPU)."""
+    fp8_recipe: str = "delayed"
+    """Scaling recipe: delayed, tensorwise, blockwise or mxfp8 (each needs a recent enough GPU and TE)."""
 
 
 @dataclass
@@ -125,7 +130,10 @@ class ReferenceConfig:
     cache: str | None = None
     """Reference cache JSONL written by `python -m minorsft_megatron.score` (mode cache)."""
     precision: str = "bf16"
-    """Dtype of the co-located reference's weights and forward."""
+    """The co-located reference's weights and forward: bf16, fp16, fp32, or fp8 (bf16 weights, FP8 compute with
+    precision.fp8_recipe). Logits become log-probs in fp32 whatever this is."""
+    fp8_weights: bool = False
+    """Store the reference's weights in FP8 (Transformer Engine FP8 parameters), about half the memory of bf16."""
     offload: bool = False
     """Keep the co-located reference's weights in CPU memory between its forwards."""
     micro_batch_size: int | None = None
@@ -306,13 +314,13 @@ def validate(c: TrainConfig, source: str = "config", world_size: int | None = No
              f"must divide num_attention_heads {m.num_attention_heads}")
     _choice(m.normalization, ("RMSNorm", "LayerNorm"), source, "model.normalization")
     _choice(m.activation, ("swiglu", "gelu"), source, "model.activation")
-    _choice(m.spec, ("local", "te"), source, "model.spec")
+    _choice(m.spec, ("auto", "local", "te"), source, "model.spec")
     for key in ("tp", "pp", "cp"):
         _require(getattr(p, key) >= 1, source, f"parallel.{key}", "must be at least 1")
     _require(groups % p.tp == 0, source, "parallel.tp", f"must divide the {groups} query groups")
     _require(m.num_layers % p.pp == 0, source, "parallel.pp", f"must divide num_layers {m.num_layers}")
     _require(not p.sp or p.tp > 1, source, "parallel.sp", "needs parallel.tp > 1")
-    _require(p.cp == 1 or m.spec == "te", source, "parallel.cp", "context parallelism needs model.spec: te")
+    _require(p.cp == 1 or m.spec != "local", source, "parallel.cp", "context parallelism needs model.spec: te")
     _choice(c.precision.dtype, DTYPES, source, "precision.dtype")
     _choice(c.loss.name, tuple(LOSSES), source, "loss.name")
     _require(c.loss.beta > 0, source, "loss.beta", "must be positive")
@@ -335,7 +343,9 @@ def validate(c: TrainConfig, source: str = "config", world_size: int | None = No
              "must be a multiple of 2 * parallel.cp")
     r = c.reference
     _choice(r.mode, ("colocated", "cache", "none"), source, "reference.mode")
-    _choice(r.precision, DTYPES, source, "reference.precision")
+    _choice(r.precision, DTYPES + ("fp8",), source, "reference.precision")
+    _choice(c.precision.fp8, (None, "hybrid", "e4m3"), source, "precision.fp8")
+    _choice(c.precision.fp8_recipe, ("delayed", "tensorwise", "blockwise", "mxfp8"), source, "precision.fp8_recipe")
     if r.micro_batch_size is not None:
         _require(r.micro_batch_size >= 1 and r.micro_batch_size % d.micro_batch_size == 0, source,
                  "reference.micro_batch_size", f"must be a multiple of data.micro_batch_size {d.micro_batch_size}")
@@ -361,7 +371,17 @@ def validate(c: TrainConfig, source: str = "config", world_size: int | None = No
 
 
 def check_for_device(c: TrainConfig, source: str, device_type: str) -> None:
-    """What the device cannot do: on a CPU, megatron-core's distributed and mixed-precision optimizers."""
+    """What this device cannot do: FP8 without a suitable GPU and Transformer Engine (policy or reference), and
+    on a CPU megatron-core's distributed and mixed-precision optimizers and the TE spec."""
+    from minorsft_megatron import transformer_engine
+
+    fp8_reference = c.reference.mode == "colocated" and (c.reference.precision == "fp8" or c.reference.fp8_weights)
+    try:
+        transformer_engine.check_fp8(c.precision.fp8 or ("e4m3" if fp8_reference else None), device_type,
+                                     c.precision.fp8_recipe)
+    except transformer_engine.FP8Error as err:
+        what = str(err) if c.precision.fp8 else str(err).replace("precision.fp8: 'e4m3'", "reference FP8", 1)
+        raise ConfigError(f"{source}: {what}")
     if device_type == "cuda":
         return
     _require(not c.optimizer.distributed, source, "optimizer.distributed",
@@ -369,6 +389,7 @@ def check_for_device(c: TrainConfig, source: str, device_type: str) -> None:
     _require(c.precision.dtype == "fp32", source, "precision.dtype",
              f"{c.precision.dtype} training needs CUDA (megatron-core's mixed-precision optimizer takes CUDA "
              "tensors only); use fp32 on a CPU")
+    _require(c.model.spec != "te", source, "model.spec", "te (Transformer Engine) needs a GPU; use local or auto")
 
 
 def main(argv=None) -> int:

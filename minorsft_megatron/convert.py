@@ -266,9 +266,12 @@ def meta_sharded_state_dict(train_cfg, vocab_size: int) -> dict:
     shapes and layer offsets of a checkpoint, with no memory behind them."""
     from minorsft_megatron.model import checkpoint_vocab_size, gpt_from_config, transformer_config
 
-    config = transformer_config(train_cfg.model, train_cfg.parallel, train_cfg.precision.dtype, initialize=False)
+    from dataclasses import replace
+
+    model_cfg = replace(train_cfg.model, spec="local")  # the same checkpoint keys as the TE spec, no TE needed
+    config = transformer_config(model_cfg, train_cfg.parallel, train_cfg.precision.dtype, initialize=False)
     with torch.device("meta"):
-        model = gpt_from_config(train_cfg.model, config, checkpoint_vocab_size(vocab_size), True, True)
+        model = gpt_from_config(model_cfg, config, checkpoint_vocab_size(vocab_size), True, True)
     return model.sharded_state_dict()
 
 

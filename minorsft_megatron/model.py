@@ -111,8 +111,10 @@ def checkpoint_vocab_size(vocab_size: int) -> int:
     return padded_vocab_size(vocab_size, 1, divisible_by=VOCAB_MULTIPLE)
 
 
-def transformer_config(model_cfg, parallel_cfg, dtype: str, initialize: bool = True) -> TransformerConfig:
-    """megatron-core's TransformerConfig for `model_cfg` (config.ModelConfig) at this parallel layout, no dropout."""
+def transformer_config(model_cfg, parallel_cfg, dtype: str, initialize: bool = True, fp8: str | None = None,
+                       fp8_recipe: str = "delayed", fp8_param: bool = False) -> TransformerConfig:
+    """megatron-core's TransformerConfig for `model_cfg` (config.ModelConfig) at this parallel layout, no dropout.
+    `fp8` / `fp8_recipe` / `fp8_param` go to megatron-core's FP8 support (Transformer Engine spec, GPU)."""
     torch_dtype = TORCH_DTYPES[dtype]
     swiglu = model_cfg.activation == "swiglu"
     return TransformerConfig(
@@ -140,6 +142,9 @@ def transformer_config(model_cfg, parallel_cfg, dtype: str, initialize: bool = T
         pipeline_dtype=torch_dtype,
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
+        fp8=fp8,
+        fp8_recipe=fp8_recipe,
+        fp8_param=fp8_param,
         use_cpu_initialization=True,  # the full weights are drawn, then split: the same model under any TP
         perform_initialization=initialize,
         calculate_per_token_loss=True,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minorsft_megatron import checkpoint, parallel
+from minorsft_megatron import checkpoint, parallel, transformer_engine
 from minorsft_megatron.config import DTYPES, ConfigError, ParallelConfig, TrainConfig, from_dict
 from minorsft_megatron.data.dataset import SFTDataset, padded_micro_batch
 from minorsft_megatron.device import setup_device
@@ -46,8 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", help="with --jsonl")
     p.add_argument("--chat-template", default=None, help="with --jsonl (default: auto if available, else none)")
     p.add_argument("--out", required=True, metavar="FILE.jsonl")
-    p.add_argument("--precision", choices=DTYPES, default=None,
-                   help="default: the checkpoint config's reference.precision")
+    p.add_argument("--precision", choices=DTYPES + ("fp8",), default=None,
+                   help="default: the checkpoint config's reference.precision (fp8: bf16 weights, FP8 compute)")
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--reference", metavar="BASE.jsonl", help="a cache of the base model: print m_theta against it")
     args = p.parse_args(argv)
@@ -106,7 +106,10 @@ def score(args) -> None:
     try:
         dataset = SFTDataset(prepare_dataset(args, workdir))
         seq_length = int(math.ceil((dataset.lengths.max() - 1) / SEQ_MULTIPLE) * SEQ_MULTIPLE)
-        model, _ = build_model(cfg, precision, state["vocab_size"], device, initialize=False)
+        fp8 = (cfg.precision.fp8 or "e4m3") if precision == "fp8" else None
+        transformer_engine.check_fp8(fp8, device.type, cfg.precision.fp8_recipe)
+        model, _ = build_model(cfg, "bf16" if fp8 else precision, state["vocab_size"], device, initialize=False,
+                               fp8=fp8)
         loaded = checkpoint.load(args.load, model)
         model.eval()
         batches, keep = rank_micro_batches(dataset, seq_length, args.micro_batch_size,
@@ -163,7 +166,7 @@ def write_result(args, parts, dataset, loaded_state, precision) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_main(lambda: score(args))
+    return run_main(lambda: score(args), extra_errors=(transformer_engine.FP8Error,))
 
 
 if __name__ == "__main__":

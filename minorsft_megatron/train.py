@@ -48,12 +48,20 @@ class Policy:
     scheduler: object
 
 
-def build_model(cfg: TrainConfig, dtype: str, vocab: int, device, initialize: bool):
-    """This pipeline stage's GPTModel (wrapped in Float16Module for bf16/fp16) on `device`."""
+def build_model(cfg: TrainConfig, dtype: str, vocab: int, device, initialize: bool, fp8: str | None = None,
+                fp8_param: bool = False):
+    """This pipeline stage's GPTModel (wrapped in Float16Module for bf16/fp16) on `device`, on the layer spec
+    `cfg.model.spec` resolves to here (auto: Transformer Engine on a GPU where it imports)."""
+    from dataclasses import replace
+
     from megatron.core import parallel_state
     from megatron.core.transformer.module import Float16Module
 
-    config = transformer_config(cfg.model, cfg.parallel, dtype, initialize=initialize)
+    from minorsft_megatron import transformer_engine
+
+    cfg = replace(cfg, model=replace(cfg.model, spec=transformer_engine.resolve_spec(cfg.model.spec, device.type)))
+    config = transformer_config(cfg.model, cfg.parallel, dtype, initialize=initialize, fp8=fp8,
+                                fp8_recipe=cfg.precision.fp8_recipe, fp8_param=fp8_param)
     torch.manual_seed(cfg.seed)  # the full weights are drawn on the CPU from this seed, then split over TP
     model = gpt_from_config(cfg.model, config, checkpoint_vocab_size(vocab),
                             parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
@@ -67,7 +75,8 @@ def build_policy(cfg: TrainConfig, vocab: int, device, total_steps: int) -> Poli
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    model, config = build_model(cfg, cfg.precision.dtype, vocab, device, initialize=cfg.checkpoint.init is None)
+    model, config = build_model(cfg, cfg.precision.dtype, vocab, device, initialize=cfg.checkpoint.init is None,
+                                fp8=cfg.precision.fp8)
     config.finalize_model_grads_func = finalize_model_grads
     o = cfg.optimizer
     ddp = DistributedDataParallel(
@@ -102,7 +111,10 @@ def build_reference(cfg: TrainConfig, policy: Policy, vocab: int, device, pgs, d
         return None
     if mode == "cache":
         return CachedReference(cfg.reference.cache, dataset.fingerprint, start_id)
-    model, _ = build_model(cfg, cfg.reference.precision, vocab, device, initialize=False)
+    r = cfg.reference
+    fp8 = (cfg.precision.fp8 or "e4m3") if r.precision == "fp8" or r.fp8_weights else None
+    dtype = "bf16" if r.precision == "fp8" else r.precision
+    model, _ = build_model(cfg, dtype, vocab, device, initialize=False, fp8=fp8, fp8_param=r.fp8_weights)
     unwrap(model).load_state_dict(unwrap(policy.model).state_dict())  # cast to the reference's dtype
     loss_fn = SFTLossFunction("sft", cfg.loss.beta, vocab_size=vocab, tp_group=pgs.tp, cp_group=pgs.cp)
     merge = (cfg.reference.micro_batch_size or cfg.data.micro_batch_size) // cfg.data.micro_batch_size
@@ -237,7 +249,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def run_main(job, argv=None) -> int:
+def run_main(job, argv=None, extra_errors: tuple = ()) -> int:
     """Run `job()` as a command: user errors are one line on stderr (rank 0) and exit status 2."""
     import warnings
 
@@ -249,7 +261,7 @@ def run_main(job, argv=None) -> int:
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     try:
         job()
-    except USER_ERRORS as err:
+    except USER_ERRORS + extra_errors as err:
         if os.environ["RANK"] == "0":
             print(f"error: {err}", file=sys.stderr)
         return 2

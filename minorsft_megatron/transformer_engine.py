@@ -28,13 +28,72 @@ def require(feature: str) -> None:
         )
 
 
-def check_fp8(fp8: str | None, device_type: str) -> None:
-    """Refuse FP8 where it cannot run: no CUDA device, or no Transformer Engine."""
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+# (minimum compute capability, minimum Transformer Engine version) per recipe, as megatron-core 0.16's
+# fp8_utils and Transformer Engine require them: FP8 at all needs Ada/Hopper (8.9); MXFP8 needs Blackwell.
+RECIPE_NEEDS = {
+    "delayed": ((8, 9), "2.1.0"),
+    "tensorwise": ((8, 9), "2.2.0"),
+    "blockwise": ((9, 0), "2.3.0"),
+    "mxfp8": ((10, 0), "2.1.0"),
+}
+
+
+class FP8Error(ValueError):
+    """An FP8 choice this machine or this Transformer Engine cannot run; one line saying which and why."""
+
+
+def installed_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("transformer-engine")
+    except Exception:  # noqa: BLE001 - any failure means: no usable version information
+        return None
+
+
+def _version_tuple(text: str) -> tuple:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:3] if part.isdigit())
+
+
+def check_fp8(fp8: str | None, device_type: str, recipe: str = "delayed", capability=None,
+              te_version: str | None = None) -> None:
+    """Refuse an FP8 format/recipe that cannot run here: no CUDA device, no Transformer Engine, a GPU too old for
+    the recipe, or a Transformer Engine too old for it. `capability` and `te_version` default to this machine's."""
     if fp8 is None:
         return
+    if fp8 not in FP8_FORMATS:
+        raise FP8Error(f"precision.fp8: {fp8!r} is not one of {', '.join(FP8_FORMATS)} (or null)")
+    if recipe not in FP8_RECIPES:
+        raise FP8Error(f"precision.fp8_recipe: {recipe!r} is not one of {', '.join(FP8_RECIPES)}")
     if device_type != "cuda":
-        raise RuntimeError(f"precision.fp8={fp8!r} needs an NVIDIA GPU (Hopper or newer); this run is on {device_type}")
-    require(f"precision.fp8={fp8!r}")
+        raise FP8Error(f"precision.fp8: {fp8!r} needs an NVIDIA GPU (compute capability >= 8.9) with Transformer "
+                       f"Engine; this run is on {device_type}")
+    if te_version is None:
+        if not is_available():
+            raise FP8Error(f"precision.fp8: {fp8!r} needs Transformer Engine, which cannot be imported here: install "
+                           "the extra (`pip install .[te]`)")
+        te_version = installed_version() or "0"
+    if capability is None:
+        import torch
+
+        capability = torch.cuda.get_device_capability()
+    need_cc, need_te = RECIPE_NEEDS[recipe]
+    if tuple(capability) < need_cc:
+        raise FP8Error(f"precision.fp8_recipe: {recipe} needs compute capability >= {need_cc[0]}.{need_cc[1]}; "
+                       f"this GPU has {capability[0]}.{capability[1]}")
+    if _version_tuple(te_version) < _version_tuple(need_te):
+        raise FP8Error(f"precision.fp8_recipe: {recipe} needs Transformer Engine >= {need_te}; installed: {te_version}")
+
+
+def resolve_spec(spec: str, device_type: str) -> str:
+    """'auto': the Transformer Engine spec on a GPU where it imports, else the local spec; 'te' must be usable."""
+    if spec == "auto":
+        return "te" if device_type == "cuda" and is_available() else "local"
+    if spec == "te":
+        require("the Transformer Engine layer spec ('te')")
+    return spec
 
 
 def layer_spec(config, qk_layernorm: bool = False):

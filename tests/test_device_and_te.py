@@ -21,12 +21,6 @@ def test_cuda_requested_without_gpu():
         resolve_device("cuda")
 
 
-def test_fp8_refused_off_gpu():
-    transformer_engine.check_fp8(None, "cpu")  # no FP8 asked: nothing to check
-    with pytest.raises(RuntimeError, match=r"precision.fp8='e4m3' needs an NVIDIA GPU .* this run is on cpu"):
-        transformer_engine.check_fp8("e4m3", "cpu")
-
-
 @pytest.mark.skipif(transformer_engine.is_available(), reason="checks the refusal where TE is missing")
 def test_te_spec_refused_without_transformer_engine():
     from minorsft_megatron.model import block_spec
@@ -37,3 +31,26 @@ def test_te_spec_refused_without_transformer_engine():
         block_spec(config, "te")
     with pytest.raises(ValueError, match="layer spec must be 'local' or 'te', got 'fast'"):
         block_spec(config, "fast")
+
+
+@pytest.mark.parametrize("args,message", [
+    (("e4m3", "cpu"), "precision.fp8: 'e4m3' needs an NVIDIA GPU (compute capability >= 8.9) with Transformer Engine; "
+                      "this run is on cpu"),
+    (("e5m2", "cuda"), "precision.fp8: 'e5m2' is not one of hybrid, e4m3"),
+    (("hybrid", "cuda", "fast"), "precision.fp8_recipe: 'fast' is not one of delayed, tensorwise, blockwise, mxfp8"),
+    (("hybrid", "cuda", "mxfp8", (9, 0), "2.8.0"), "mxfp8 needs compute capability >= 10.0; this GPU has 9.0"),
+    (("hybrid", "cuda", "delayed", (8, 0), "2.8.0"), "delayed needs compute capability >= 8.9; this GPU has 8.0"),
+    (("e4m3", "cuda", "blockwise", (9, 0), "2.2.1"), "blockwise needs Transformer Engine >= 2.3.0; installed: 2.2.1"),
+])
+def test_fp8_refusals_say_which_and_why(args, message):
+    with pytest.raises(transformer_engine.FP8Error) as err:
+        transformer_engine.check_fp8(*args)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fp8_accepted_where_gpu_and_te_allow():
+    transformer_engine.check_fp8(None, "cpu")  # no FP8 asked: nothing to check
+    transformer_engine.check_fp8("hybrid", "cuda", "tensorwise", (9, 0), "2.8.0+cu13")
+    transformer_engine.check_fp8("e4m3", "cuda", "mxfp8", (10, 0), "2.8.0")
+    assert transformer_engine.resolve_spec("local", "cuda") == "local"
+    assert transformer_engine.resolve_spec("auto", "cpu") == "local"
