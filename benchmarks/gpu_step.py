@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""GPU step benchmark: tokens/s per GPU, model FLOPs utilisation and peak memory of sft, minor_sft with a
+co-located reference and minor_sft with the reference cache, in bf16 and FP8, on Llama-style models with random
+weights; and FP8-versus-BF16 log-prob agreement on the same samples. Everything in one run.
+
+    python benchmarks/gpu_step.py [--size 1b|3b] [--nproc 1] [--seq-length 4096] [--steps 20] [--peak-tflops 989]
+    python benchmarks/gpu_step.py --smoke      # the same pipeline on CPU with a tiny fp32 model (no FP8)
+
+Steps: synthetic SFT records long enough to fill `--seq-length` are preprocessed with the bundled tokenizer;
+a random starting checkpoint is written (init_checkpoint); the score tool writes the bf16 reference cache and an
+FP8 one; then the trainer runs each variant for `--steps` steps (TE spec, bf16 weights, FP8 `hybrid` with the
+`delayed` recipe for the FP8 rows). Reported from each run's metrics.jsonl: the median step time after 3 warm-up
+steps, tokens/s per GPU, MFU = tokens/s per GPU x (6 N + 6 L h S) / peak FLOP/s, and the peak memory. The
+agreement figure is exp(mean over samples of |logp_fp8 - logp_bf16| / m): per-sequence means of per-token
+differences (per-token scoring is not in the score tool yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES = {  # Llama-style shapes, vocabulary 32,000 (the bundled 1,024-piece tokenizer fits in it)
+    "1b": dict(num_layers=16, hidden_size=2048, ffn_hidden_size=5632, num_attention_heads=16, num_query_groups=8),
+    "3b": dict(num_layers=28, hidden_size=3072, ffn_hidden_size=8192, num_attention_heads=24, num_query_groups=8),
+    "smoke": dict(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2),
+}
+WARMUP = 3
+
+
+def parameters(shape: dict, vocab: int = 32000) -> int:
+    h, f, layers = shape["hidden_size"], shape["ffn_hidden_size"], shape["num_layers"]
+    d = h // shape["num_attention_heads"]
+    attention = h * (shape["num_attention_heads"] + 2 * shape["num_query_groups"]) * d + h * h
+    return layers * (attention + 3 * h * f + 2 * h) + 2 * vocab * h + h
+
+
+def synthetic_records(path: str, n: int, words: int) -> None:
+    rng = random.Random(0)
+    vocab = "alpha beta gamma delta river stone cloud green light music paper table water winter".split()
+    with open(path, "w") as f:
+        for _ in range(n):
+            prompt = " ".join(rng.choice(vocab) for _ in range(words // 4))
+            response = " ".join(rng.choice(vocab) for _ in range(words))
+            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+
+
+def run(args: list[str], nproc: int) -> None:
+    cmd = ["torchrun", "--nproc-per-node", str(nproc), "--master-port", str(29300 + os.getpid() % 500), *args]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
+
+
+def summarise(run_dir: str) -> dict:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))][WARMUP:]
+    step = statistics.median(r["seconds_per_iteration"] for r in rows)
+    return {"s_per_step": step, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
+            "memory_gib": max(r["memory_gib"] for r in rows)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=("1b", "3b"), default="1b")
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--reference-micro-batch-size", type=int, default=4,
+                   help="rows per forward of the co-located reference (a multiple of --micro-batch-size)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100/H200 SXM: 989)")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny fp32 model, no FP8: checks the pipeline only")
+    args = p.parse_args()
+    size = "smoke" if args.smoke else args.size
+    seq = 128 if args.smoke else args.seq_length
+    nproc = 2 if args.smoke else args.nproc
+    gbs = 8 * nproc if args.smoke else 8 * nproc * args.micro_batch_size
+    ref_mbs = 8 if args.smoke else args.reference_micro_batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        records = os.path.join(tmp, "records.jsonl")
+        synthetic_records(records, 4 * gbs * (args.steps + 2), words=seq // 2)
+        prefix = os.path.join(tmp, "data")
+        subprocess.run([sys.executable, "tools/preprocess_sft_data.py", "--input", records, "--tokenizer",
+                        "examples/data/tokenizer.model", "--chat-template", "none", "--seq-length", str(seq),
+                        "--output-prefix", prefix, "--workers", "4"], cwd=REPO, check=True, capture_output=True)
+        model = [f"model.{k}={v}" for k, v in SIZES[size].items()] + [
+            "model.vocab_size=32000", f"model.max_position_embeddings={seq}",
+            "model.spec=" + ("local" if args.smoke else "te")]
+        base = [f"data.prefix={prefix}", f"data.seq_length={seq}", f"data.global_batch_size={gbs}",
+                f"data.micro_batch_size={1 if not args.smoke else 4}", f"train_steps={args.steps + WARMUP}",
+                "logging.tensorboard=false", "logging.interval=1000", "optimizer.distributed=false",
+                "device=" + ("cpu" if args.smoke else "cuda"), f"parallel.tp={2 if args.smoke else 1}", *model]
+        config = os.path.join(tmp, "bench.yaml")  # everything else comes as overrides, the model from init
+        with open(config, "w") as f:
+            f.write("seed: 1234\n")
+        init = os.path.join(tmp, "init")
+        dtype = "fp32" if args.smoke else "bf16"
+        run(["-m", "minorsft_megatron.init_checkpoint", "--config", config, "--out", init, *base,
+             f"precision.dtype={dtype}"], nproc)
+        caches = {}
+        for precision in ([dtype] if args.smoke else ["bf16", "fp8"]):
+            caches[precision] = os.path.join(tmp, f"ref_{precision}.jsonl")
+            run(["-m", "minorsft_megatron.score", "--load", init, "--tp", str(2 if args.smoke else 1), "--data",
+                 prefix, "--out", caches[precision], "--precision", precision, "--micro-batch-size", "1"], nproc)
+        base = [b for b in base if not b.startswith("model.")] + [f"checkpoint.init={init}", "model.spec=" +
+                                                                   ("local" if args.smoke else "te")]
+        results = {}
+        for precision in ([dtype] if args.smoke else ["bf16", "fp8"]):
+            fp8 = ["precision.fp8=hybrid", "precision.fp8_recipe=delayed"] if precision == "fp8" else []
+            ref_precision = "fp8" if precision == "fp8" else dtype
+            variants = {
+                "sft": ["loss.name=sft", "reference.mode=none"],
+                "minor_sft, co-located": ["loss.name=minor_sft", "reference.mode=colocated",
+                                          f"reference.precision={ref_precision}",
+                                          f"reference.micro_batch_size={ref_mbs}"],
+                "minor_sft, cache": ["loss.name=minor_sft", "reference.mode=cache",
+                                     f"reference.cache={caches[dtype if args.smoke else 'bf16']}"],
+            }
+            for name, extra in variants.items():
+                out = os.path.join(tmp, f"{precision}_{name.split(',')[0]}_{len(results)}")
+                run(["-m", "minorsft_megatron.train", "--config", config, *base, f"output_dir={out}",
+                     f"precision.dtype={'bf16' if precision == 'fp8' else dtype}", *fp8, *extra], nproc)
+                results[(precision, name)] = summarise(out)
+        agreement = None
+        if not args.smoke:
+            agreement = fp8_agreement(caches["bf16"], caches["fp8"])
+    report(results, agreement, size, seq, nproc, args.peak_tflops, SIZES[size])
+    return 0
+
+
+def fp8_agreement(bf16_cache: str, fp8_cache: str) -> float:
+    import math
+
+    a = [json.loads(line) for line in open(bf16_cache)]
+    b = [json.loads(line) for line in open(fp8_cache)]
+    diffs = [abs(x["logp_sum"] - y["logp_sum"]) / x["num_answer_tokens"] for x, y in zip(a, b) if x["num_answer_tokens"]]
+    return math.exp(sum(diffs) / len(diffs))
+
+
+def report(results, agreement, size, seq, nproc, peak_tflops, shape) -> None:
+    n = parameters(shape)
+    flops_per_token = 6 * n + 6 * shape["num_layers"] * shape["hidden_size"] * seq
+    print(f"model {size}: {n / 1e9:.2f} B parameters, seq length {seq}, {nproc} process(es)")
+    print("| precision | run | s/step | x sft | tokens/s per GPU | MFU | peak memory (GiB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for (precision, name), r in results.items():
+        sft = results[(precision, "sft")]
+        per_gpu = r["tokens_per_s"] / nproc
+        mfu = per_gpu * flops_per_token / (peak_tflops * 1e12)
+        print(f"| {precision} | {name} | {r['s_per_step']:.3f} | {r['s_per_step'] / sft['s_per_step']:.3f} | "
+              f"{per_gpu:.0f} | {100 * mfu:.1f}% | {r['memory_gib']:.2f} |")
+    if agreement is not None:
+        print(f"FP8 versus BF16 scoring: exp(mean |delta log p| per token, per-sequence means) = {agreement:.4f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
