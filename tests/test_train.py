@@ -185,3 +185,20 @@ def test_launchers(tmp_path, data_prefix):
     assert bad.stderr.strip().splitlines() == [
         f"error: {REPO}/examples/tiny_cpu.yaml: precision.dtype: fp16 training needs CUDA (megatron-core's "
         "mixed-precision optimizer takes CUDA tensors only); use fp32 on a CPU"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("precision.fp8=hybrid", "precision.fp8: 'hybrid' needs an NVIDIA GPU (compute capability >= 8.9)"),
+    ("reference.precision=fp8", "reference FP8 needs an NVIDIA GPU"),
+    ("reference.fp8_weights=true", "reference FP8 needs an NVIDIA GPU"),
+    ("model.spec=te", "model.spec: te (Transformer Engine) needs a GPU"),
+    ("optimizer.distributed=true", "optimizer.distributed: megatron-core's distributed optimizer needs CUDA"),
+    ("precision.dtype=bf16", "precision.dtype: bf16 training needs CUDA"),
+])
+def test_what_a_cpu_cannot_run_is_refused_in_one_line(tmp_path, data_prefix, override, message):
+    from minorsft_megatron.config import check_for_device
+
+    config = load_config(tiny_config(tmp_path, data_prefix), [override])
+    with pytest.raises(ConfigError) as err:
+        check_for_device(config, "c.yaml", "cpu")
+    assert str(err.value).startswith("c.yaml: ") and message in str(err.value) and "\n" not in str(err.value)
