@@ -94,9 +94,10 @@ class ColocatedReference:
     `merge` policy micro-batches are scored as one larger micro-batch (when they divide evenly).
     """
 
-    def __init__(self, model, loss_function: SFTLossFunction, device, offload: bool = False, merge: int = 1):
+    def __init__(self, model, loss_function: SFTLossFunction, device, seq_length: int, micro_batch_size: int,
+                 offload: bool = False, merge: int = 1):
         self.model, self.loss_function, self.device, self.offload = model, loss_function, device, offload
-        self.merge = merge
+        self.seq_length, self.micro_batch_size, self.merge = seq_length, micro_batch_size, merge
         self.model.eval()
         for param in self.model.parameters():
             param.requires_grad_(False)
@@ -104,14 +105,14 @@ class ColocatedReference:
             self.model.to("cpu")
 
     @torch.no_grad()
-    def attach(self, micro_batches, seq_length: int, micro_batch_size: int) -> None:
+    def attach(self, micro_batches) -> None:
         """Score the whole global batch; on the last stage, set each micro-batch's `ref_logp_sum`."""
         k = self.merge if len(micro_batches) % self.merge == 0 else 1
         batches = [merge_micro_batches(micro_batches[i : i + k]) for i in range(0, len(micro_batches), k)]
         if self.offload:
             self.model.to(self.device)
-        stats = forward_backward([self.model], batches, self.loss_function, seq_length, micro_batch_size * k,
-                                 forward_only=True)
+        stats = forward_backward([self.model], batches, self.loss_function, self.seq_length,
+                                 self.micro_batch_size * k, forward_only=True)
         if self.offload:
             self.model.to("cpu")
         if not stats:  # not the last pipeline stage: the policy's loss is computed elsewhere

@@ -118,7 +118,8 @@ def build_reference(cfg: TrainConfig, policy: Policy, vocab: int, device, pgs, d
     unwrap(model).load_state_dict(unwrap(policy.model).state_dict())  # cast to the reference's dtype
     loss_fn = SFTLossFunction("sft", cfg.loss.beta, vocab_size=vocab, tp_group=pgs.tp, cp_group=pgs.cp)
     merge = (cfg.reference.micro_batch_size or cfg.data.micro_batch_size) // cfg.data.micro_batch_size
-    return ColocatedReference(model, loss_fn, device, offload=cfg.reference.offload, merge=merge)
+    return ColocatedReference(model, loss_fn, device, cfg.data.seq_length, cfg.data.micro_batch_size,
+                              offload=cfg.reference.offload, merge=merge)
 
 
 def layout(cfg: TrainConfig) -> dict:
@@ -209,12 +210,10 @@ def train(cfg: TrainConfig, source: str) -> dict:
     for micro_batches in batches:
         if iteration >= stop_at:
             break
-        start = time.perf_counter()
+        step_start = time.perf_counter()
         tokens = int((dataset.lengths[batches.global_batch(iteration)] - 1).sum())
         micro_batches = [mb.to(device) for mb in micro_batches]
-        if isinstance(reference, ColocatedReference):
-            reference.attach(micro_batches, d.seq_length, d.micro_batch_size)
-        elif reference is not None:
+        if reference is not None:
             reference.attach(micro_batches)
         policy.ddp.zero_grad_buffer()
         policy.optimizer.zero_grad()
@@ -226,7 +225,7 @@ def train(cfg: TrainConfig, source: str) -> dict:
         metrics = reduce_step_metrics(stats, pgs.dp_cp, has_reference=reference is not None) if last_stage else {}
         if logging_rank:
             record = step_record(iteration, consumed, lr, metrics, grad_norm, tokens,
-                                 time.perf_counter() - start, device)
+                                 time.perf_counter() - step_start, device)
             log.step(record)
         at_interval = cfg.checkpoint.interval and iteration % cfg.checkpoint.interval == 0
         if at_interval or iteration == stop_at:
