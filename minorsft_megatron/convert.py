@@ -24,6 +24,8 @@ import sys
 
 import torch
 
+from minorsft_megatron.model import TORCH_DTYPES
+
 SUPPORTED = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
@@ -32,7 +34,6 @@ COPIED_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
 )
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
 MEGATRON_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -181,13 +182,13 @@ def hf_from_megatron(hf_name: str, get, m) -> torch.Tensor:
     if hf_name == "model.norm.weight":
         return get("decoder.final_layernorm.weight")
     layer, rest = parts[2], ".".join(parts[3:])
-    q = f"decoder.layers.{layer}."
+    prefix = f"decoder.layers.{layer}."
     if rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                 "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"):
         kind = rest.rsplit(".", 1)[1]
-        return split_qkv(get(q + f"self_attention.linear_qkv.{kind}"), m)["qkv".index(rest.split(".")[1][0])]
+        return split_qkv(get(prefix + f"self_attention.linear_qkv.{kind}"), m)["qkv".index(rest.split(".")[1][0])]
     if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-        return get(q + "mlp.linear_fc1.weight").chunk(2)[0 if rest.startswith("mlp.gate") else 1]
+        return get(prefix + "mlp.linear_fc1.weight").chunk(2)[0 if rest.startswith("mlp.gate") else 1]
     direct = {
         "input_layernorm.weight": "input_layernorm.weight",
         "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
@@ -196,7 +197,7 @@ def hf_from_megatron(hf_name: str, get, m) -> torch.Tensor:
         "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
         "mlp.down_proj.weight": "mlp.linear_fc2.weight",
     }
-    return get(q + direct[rest])
+    return get(prefix + direct[rest])
 
 
 # ---- reading Hugging Face, staging, the meta model --------------------------------------------------------------
@@ -352,7 +353,7 @@ def hf_to_megatron(hf_dir: str, out: str, spec: str = "local", dtype: str = "bf1
     try:
         for n, key in enumerate(todo, start=1):
             entry = sharded[key]
-            tensor = megatron_from_hf(key, lambda name: reader.get(name).to(DTYPES[dtype]), model_cfg, padded)
+            tensor = megatron_from_hf(key, lambda name: reader.get(name).to(TORCH_DTYPES[dtype]), model_cfg, padded)
             if tuple(tensor.shape) != tuple(entry.data.shape):
                 raise ConversionError(f"{key}: converted shape {tuple(tensor.shape)}, the model expects "
                                       f"{tuple(entry.data.shape)}")
@@ -428,7 +429,7 @@ def megatron_to_hf(load: str, out: str, dtype: str | None = None, max_shard_byte
     state = checkpoint.read_state(directory)
     train_cfg = from_dict(TrainConfig, state["config"], f"{directory} (saved config)")
     m = train_cfg.model
-    out_dtype = DTYPES[dtype or train_cfg.precision.dtype]
+    out_dtype = TORCH_DTYPES[dtype or train_cfg.precision.dtype]
     single_process_group()
     sharded = meta_sharded_state_dict(train_cfg, state["vocab_size"])
     cache: dict[str, torch.Tensor] = {}
