@@ -11,8 +11,8 @@ a random starting checkpoint is written (init_checkpoint); the score tool writes
 FP8 one; then the trainer runs each variant for `--steps` steps (TE spec, bf16 weights, FP8 `hybrid` with the
 `delayed` recipe for the FP8 rows). Reported from each run's metrics.jsonl: the median step time after 3 warm-up
 steps, tokens/s per GPU, MFU = tokens/s per GPU x (6 N + 6 L h S) / peak FLOP/s, and the peak memory. The
-agreement figure is exp(mean over samples of |logp_fp8 - logp_bf16| / m): per-sequence means of per-token
-differences (per-token scoring is not in the score tool yet).
+agreement figure is exp(mean over every answer token of |log p_fp8 - log p_bf16|), from the score tool's
+`--per-token` output.
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ def main() -> int:
         for precision in ([dtype] if args.smoke else ["bf16", "fp8"]):
             caches[precision] = os.path.join(tmp, f"ref_{precision}.jsonl")
             run(["-m", "minorsft_megatron.score", "--load", init, "--tp", str(2 if args.smoke else 1), "--data",
-                 prefix, "--out", caches[precision], "--precision", precision, "--micro-batch-size", "1"], nproc)
+                 prefix, "--out", caches[precision], "--precision", precision, "--micro-batch-size", "1",
+                 "--per-token", f"{caches[precision]}.tokens"], nproc)
         base = [b for b in base if not b.startswith("model.")] + [f"checkpoint.init={init}", "model.spec=" +
                                                                    ("local" if args.smoke else "te")]
         results = {}
@@ -136,11 +137,12 @@ def main() -> int:
 
 
 def fp8_agreement(bf16_cache: str, fp8_cache: str) -> float:
+    """exp(mean over every answer token of |log p_fp8 - log p_bf16|), from the score tool's --per-token files."""
     import math
 
-    a = [json.loads(line) for line in open(bf16_cache)]
-    b = [json.loads(line) for line in open(fp8_cache)]
-    diffs = [abs(x["logp_sum"] - y["logp_sum"]) / x["num_answer_tokens"] for x, y in zip(a, b) if x["num_answer_tokens"]]
+    a = [json.loads(line)["token_logp"] for line in open(f"{bf16_cache}.tokens")]
+    b = [json.loads(line)["token_logp"] for line in open(f"{fp8_cache}.tokens")]
+    diffs = [abs(x - y) for xs, ys in zip(a, b) for x, y in zip(xs, ys)]
     return math.exp(sum(diffs) / len(diffs))
 
 
@@ -157,7 +159,7 @@ def report(results, agreement, size, seq, nproc, peak_tflops, shape) -> None:
         print(f"| {precision} | {name} | {r['s_per_step']:.3f} | {r['s_per_step'] / sft['s_per_step']:.3f} | "
               f"{per_gpu:.0f} | {100 * mfu:.1f}% | {r['memory_gib']:.2f} |")
     if agreement is not None:
-        print(f"FP8 versus BF16 scoring: exp(mean |delta log p| per token, per-sequence means) = {agreement:.4f}")
+        print(f"FP8 versus BF16 scoring: exp(mean |delta log p| over answer tokens) = {agreement:.4f}")
 
 
 if __name__ == "__main__":

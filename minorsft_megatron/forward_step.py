@@ -86,16 +86,20 @@ def packed_causal_mask(cu_seqlens: torch.Tensor, batch_size: int, seq_length: in
     return ~(same_sample & causal).unsqueeze(1)
 
 
-def sequence_log_probs(batch: SFTBatch, logits: torch.Tensor, vocab_size: int, tp_group, cp_group):
+def sequence_log_probs(batch: SFTBatch, logits: torch.Tensor, vocab_size: int, tp_group, cp_group,
+                       token_log_probs: list | None = None):
     """Per-sample answer log-prob sums and answer-token counts for one micro-batch.
 
     Args:
         logits: `[b, s, V/tp]` from GPTModel (this rank's vocabulary shard, this CP rank's part of s).
+        token_log_probs: if a list, the detached per-token log-probs `[b, s]` (this CP rank's part) are appended.
     Returns:
         logp_sum `[n]` float32 (differentiable) and num_answer_tokens `[n]` int64, totals over the CP group.
         Collectives: 3 all-reduces over `tp_group`, 1 over `cp_group`.
     """
     token_logp = vocab_parallel_log_probs(logits, batch.labels, vocab_size, tp_group)  # [b, s]
+    if token_log_probs is not None:
+        token_log_probs.append(token_logp.detach())
     mask = batch.loss_mask.to(token_logp.dtype)  # [b, s]
     partial = torch.stack(
         [sequence_sums(token_logp, mask, batch.cu_seqlens), sequence_sums(mask, mask, batch.cu_seqlens)]
@@ -114,8 +118,11 @@ class SFTLossFunction:
     holds the whole per-sample sums; only CP rank 0 contributes the denominator and the statistics.
     """
 
-    def __init__(self, loss: str | LossSpec, beta: float, vocab_size: int, tp_group=None, cp_group=None):
+    def __init__(self, loss: str | LossSpec, beta: float, vocab_size: int, tp_group=None, cp_group=None,
+                 keep_token_log_probs: bool = False):
         self.spec = get_loss(loss) if isinstance(loss, str) else loss
+        self.keep_token_log_probs = keep_token_log_probs
+        """Also return the per-token log-probs `[b, s]` in the stats ("token_logp"): for scoring, not training."""
         self.beta = beta
         self.vocab_size = vocab_size
         self.tp_group = tp_group
@@ -123,8 +130,9 @@ class SFTLossFunction:
         self.counts_here = cp_group is None or dist.get_rank(cp_group) == 0
 
     def __call__(self, batch: SFTBatch, logits: torch.Tensor):
+        token_logp = [] if self.keep_token_log_probs else None
         logp_sum, num_answer_tokens = sequence_log_probs(
-            batch, logits, self.vocab_size, self.tp_group, self.cp_group
+            batch, logits, self.vocab_size, self.tp_group, self.cp_group, token_logp
         )
         loss_sum, denominator, sum_stats, max_stats = loss_and_stats(
             self.spec, logp_sum, batch.ref_logp_sum, num_answer_tokens, self.beta
@@ -137,6 +145,8 @@ class SFTLossFunction:
             "logp_sum": logp_sum.detach(),
             "num_answer_tokens": num_answer_tokens,
         }
+        if token_logp is not None:
+            stats["token_logp"] = token_logp[0]
         return loss_sum, denominator.to(torch.int), stats
 
 

@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node N -m minorsft_megatron.score --load CKPT [--tp T --pp P]
         (--data PREFIX | --jsonl FILE --tokenizer PATH [--chat-template NAME]) --out FILE.jsonl
-        [--precision bf16|fp16|fp32] [--micro-batch-size B] [--reference BASE.jsonl]
+        [--precision bf16|fp16|fp32|fp8] [--micro-batch-size B] [--reference BASE.jsonl] [--per-token F.jsonl]
 
 Writes FILE.jsonl, one line per sample in sample order whatever the layout:
 `{"index": i, "logp_sum": float, "num_answer_tokens": int}`, and FILE.jsonl.meta.json with the checkpoint's
@@ -14,6 +14,7 @@ far this checkpoint has moved from its base. `--load` alone is enough: the check
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -50,6 +51,8 @@ def parse_args(argv=None):
                    help="default: the checkpoint config's reference.precision (fp8: bf16 weights, FP8 compute)")
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--reference", metavar="BASE.jsonl", help="a cache of the base model: print m_theta against it")
+    p.add_argument("--per-token", metavar="FILE.jsonl",
+                   help="also write each sample's answer-token log-probs: {\"index\": i, \"token_logp\": [...]}")
     args = p.parse_args(argv)
     if args.jsonl and not args.tokenizer:
         p.error("--jsonl needs --tokenizer")
@@ -115,7 +118,8 @@ def score(args) -> None:
         batches, keep = rank_micro_batches(dataset, seq_length, args.micro_batch_size,
                                            parallel_state.get_data_parallel_rank(),
                                            parallel_state.get_data_parallel_world_size())
-        loss_fn = SFTLossFunction("sft", 0.04, vocab_size=state["vocab_size"], tp_group=pgs.tp, cp_group=pgs.cp)
+        loss_fn = SFTLossFunction("sft", 0.04, vocab_size=state["vocab_size"], tp_group=pgs.tp, cp_group=pgs.cp,
+                                  keep_token_log_probs=args.per_token is not None)
         with torch.no_grad():
             stats = forward_backward([model], [b.to(device) for b in batches], loss_fn, seq_length,
                                      args.micro_batch_size, forward_only=True)
@@ -124,7 +128,9 @@ def score(args) -> None:
             logp_sum, counts = collect_logp_sums(stats)
             index = torch.cat([b.sample_index for b in batches])
             k = torch.from_numpy(keep)
-            part = (index[k].tolist(), logp_sum.cpu().double()[k].tolist(), counts.cpu()[k].tolist())
+            tokens = answer_token_log_probs(stats, batches) if args.per_token else None
+            part = (index[k].tolist(), logp_sum.cpu().double()[k].tolist(), counts.cpu()[k].tolist(),
+                    [t for t, kept in zip(tokens, keep) if kept] if tokens else None)
         parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(part, parts, dst=0)
         if dist.get_rank() == 0:
@@ -133,6 +139,24 @@ def score(args) -> None:
     finally:
         if dist.get_rank() == 0:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def answer_token_log_probs(stats, batches) -> list[list[float]]:
+    """Each row's log-probs at its answer positions (loss mask 1), in row order."""
+    rows = []
+    for d, batch in zip(stats, batches):
+        for logp, mask in zip(d["token_logp"].cpu().double(), batch.loss_mask):
+            rows.append(logp[mask.bool()].tolist())
+    return rows
+
+
+def write_per_token(path: str, index, parts) -> None:
+    by_index = {i: t for p in parts for i, t in zip(p[0], p[3])}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in index:
+            f.write(json.dumps({"index": int(i), "token_logp": by_index[int(i)]}) + "\n")
+    os.replace(tmp, path)
 
 
 def write_result(args, parts, dataset, loaded_state, precision) -> None:
@@ -151,6 +175,8 @@ def write_result(args, parts, dataset, loaded_state, precision) -> None:
         "num_samples": len(index),
     }
     write_cache(args.out, index, logp_sum, counts, meta)
+    if args.per_token:
+        write_per_token(args.per_token, index, parts)
     valid = counts > 0
     line = (f"scored {len(index)} samples: mean log-prob per answer token "
             f"{(logp_sum[valid] / counts[valid]).mean():.4f}; wrote {args.out} and {args.out}.meta.json")

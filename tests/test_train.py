@@ -61,7 +61,7 @@ def test_colocated_reference_equals_cache_and_step_zero_weights_are_one(tmp_path
     spawn(2, run_commands, [
         ("init", [config, init]),
         ("score", ["--load", init, "--tp", str(tp), "--pp", str(pp), "--data", data_prefix, "--out", cache,
-                   "--micro-batch-size", "5"]),
+                   "--micro-batch-size", "5", "--per-token", f"{cache}.tokens"]),
         ("score", ["--load", init, "--tp", str(pp), "--pp", str(tp), "--data", data_prefix, "--out", f"{cache}.x"]),
         ("train", ["--config", config, *common, f"output_dir={tmp_path / 'colocated'}"]),
         ("train", ["--config", config, *common, f"output_dir={tmp_path / 'cache'}", "reference.mode=cache",
@@ -73,6 +73,10 @@ def test_colocated_reference_equals_cache_and_step_zero_weights_are_one(tmp_path
     assert [r["num_answer_tokens"] for r in same] == [r["num_answer_tokens"] for r in other]
     for a, b in zip(same, other):
         assert b["logp_sum"] == pytest.approx(a["logp_sum"], rel=1e-5)
+    per_token = [json.loads(line) for line in open(f"{cache}.tokens")]  # --per-token: the same sums, token by token
+    for a, t in zip(same, per_token):
+        assert t["index"] == a["index"] and len(t["token_logp"]) == a["num_answer_tokens"]
+        assert sum(t["token_logp"]) == pytest.approx(a["logp_sum"], rel=1e-5)
     colocated, cached = metrics(tmp_path / "colocated"), metrics(tmp_path / "cache")
     assert [r["iteration"] for r in colocated] == [1, 2, 3]
     first = colocated[0]
