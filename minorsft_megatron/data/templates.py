@@ -167,3 +167,16 @@ def tokenize_conversation(messages, template: ChatTemplate, tokenizer: SFTTokeni
             ids += piece_ids
             mask += [int(trained)] * len(piece_ids)
     return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)
+
+
+def prompt_ids(messages, template: ChatTemplate, tokenizer: SFTTokenizer) -> list[int]:
+    """Token ids of a conversation up to the start of its last (assistant) turn's answer, cut exactly as
+    `tokenize_conversation` cuts it for training: what a model is given to produce that answer."""
+    if messages[-1]["role"] != "assistant":
+        raise RecordError("the conversation does not end with an assistant turn")
+    if template.jinja is None:
+        ids, _ = tokenize_conversation(messages[:-1], template, tokenizer)
+        return ids.tolist()
+    text, spans = answer_spans(template, tokenizer, messages)
+    start = spans[-1][0]
+    return [i for piece, _ in _pieces_from_spans(text[:start], spans[:-1]) for i in tokenizer.encode(piece)]

@@ -1,0 +1,140 @@
+"""Greedy answers of a checkpoint to SFT prompts, and their exact-match accuracy against the records' answers.
+
+    torchrun --nproc-per-node N -m minorsft_megatron.generate --load CKPT [--tp T] --jsonl FILE --tokenizer PATH
+        [--chat-template NAME] --out FILE.jsonl [--max-new-tokens 64]
+
+For each record, the prompt is the conversation up to its last assistant turn, templated as in preprocessing
+(with the template's generation prompt); the model then decodes greedily until EOS or the template's end-of-turn
+marker. FILE.jsonl gets one line per record, in order: `{"index", "generated", "reference", "exact_match",
+"generated_ids"}` (exact match: the stripped texts are equal). Tensor-parallel and data-parallel ranks split the
+work; pipeline parallelism is not used here (tiny evaluation models). Each step recomputes the whole sequence
+(no KV cache): meant for evaluation sets of short answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from minorsft_megatron import checkpoint, parallel
+from minorsft_megatron.config import ConfigError
+from minorsft_megatron.data.records import RecordError, parse_record
+from minorsft_megatron.data.templates import prompt_ids, resolve_template
+from minorsft_megatron.data.tokenizer import TokenizerError, load_tokenizer
+from minorsft_megatron.device import setup_device
+from minorsft_megatron.score import checkpoint_config
+from minorsft_megatron.train import build_model, run_main
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>")
+
+
+def read_prompts(path: str, tokenizer, template) -> list[tuple[list[int], str]]:
+    """(prompt ids, reference answer) per record; FILE:LINE errors for bad records."""
+    prompts = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                messages = parse_record(line, tokenizer.special_tokens)
+            except RecordError as err:
+                raise ConfigError(f"{path}:{number}: {err}")
+            if messages is None:
+                continue
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompts.append((prompt_ids(messages[: last + 1], template, tokenizer), messages[last]["content"]))
+    return prompts
+
+
+def stop_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+    for marker in END_OF_TURN:
+        if marker in tokenizer.special_tokens:
+            ids.update(tokenizer.encode(marker))
+    return ids
+
+
+def next_token(model, ids: list[int], vocab_size: int, tp_group, device) -> int:
+    """Greedy next token: full-vocabulary argmax over the TP shards of the last position's logits."""
+    tokens = torch.tensor([ids], device=device)
+    positions = torch.arange(len(ids), device=device)[None]
+    logits = model(tokens, positions, attention_mask=None)[0, -1].float()  # [V/tp]
+    if dist.get_world_size(tp_group) > 1:
+        shards = [torch.empty_like(logits) for _ in range(dist.get_world_size(tp_group))]
+        dist.all_gather(shards, logits, group=tp_group)
+        logits = torch.cat(shards)
+    return int(logits[:vocab_size].argmax())
+
+
+@torch.no_grad()
+def greedy(model, prompt: list[int], stops: set[int], max_new_tokens: int, vocab_size: int, tp_group, device):
+    ids, new = list(prompt), []
+    for _ in range(max_new_tokens):
+        token = next_token(model, ids, vocab_size, tp_group, device)
+        if token in stops:
+            break
+        ids.append(token)
+        new.append(token)
+    return new
+
+
+def generate(args) -> None:
+    from megatron.core import parallel_state
+
+    cfg, state = checkpoint_config(args.load, args.tp, 1)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        template = resolve_template(args.chat_template, tokenizer)
+    except TokenizerError as err:
+        raise ConfigError(str(err))
+    prompts = read_prompts(args.jsonl, tokenizer, template)
+    device = setup_device(cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else None)
+    pgs = parallel.initialize(device, tp=args.tp, seed=cfg.seed)
+    model, _ = build_model(cfg, "fp32" if device.type == "cpu" else "bf16", state["vocab_size"], device,
+                           initialize=False)
+    checkpoint.load(args.load, model)
+    model.eval()
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    mine = range(dp_rank, len(prompts), dp_size)
+    stops = stop_ids(tokenizer)
+    results = []
+    for i in mine:
+        new = greedy(model, prompts[i][0], stops, args.max_new_tokens, state["vocab_size"], pgs.tp, device)
+        text = tokenizer.decode(new)
+        results.append({"index": i, "generated": text, "reference": prompts[i][1],
+                        "exact_match": text.strip() == prompts[i][1].strip(), "generated_ids": new})
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(results if parallel_state.get_tensor_model_parallel_rank() == 0 else [], gathered, dst=0)
+    if dist.get_rank() == 0:
+        rows = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, args.out)
+        accuracy = sum(r["exact_match"] for r in rows) / max(len(rows), 1)
+        print(f"generated {len(rows)} answers: exact match {accuracy:.4f}; wrote {args.out}", flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minorsft_megatron.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--jsonl", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--chat-template", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_main(lambda: generate(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
