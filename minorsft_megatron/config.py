@@ -262,7 +262,6 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
     for override in overrides:
         apply_override(data, override)
     config = from_dict(TrainConfig, data, path)
-    config.explicit_model_keys = set((data.get("model") or {}).keys())  # see adopt_model_config
     if config.checkpoint.init is not None and os.path.isdir(config.checkpoint.init):
         from minorsft_megatron.checkpoint import CheckpointError, read_state
 
@@ -270,16 +269,17 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
             saved_model = read_state(config.checkpoint.init)["config"]["model"]
         except CheckpointError as err:
             raise ConfigError(f"{path}: checkpoint.init: {err}")
-        adopt_model_config(config, saved_model, path, config.checkpoint.init)
+        adopt_model_config(config, saved_model, set(data.get("model") or {}), path, config.checkpoint.init)
     validate(config, path)
     return config
 
 
-def adopt_model_config(c: TrainConfig, saved_model: dict, source: str, checkpoint_path: str) -> None:
-    """Take the model architecture from a starting checkpoint. Keys the config set itself must agree with it
-    (model.spec excepted: local or te is a choice of implementation, not of model)."""
+def adopt_model_config(c: TrainConfig, saved_model: dict, explicit_keys: set[str], source: str,
+                       checkpoint_path: str) -> None:
+    """Take the model architecture from a starting checkpoint. `explicit_keys`, the model keys the config set
+    itself, must agree with it (model.spec excepted: local or te is a choice of implementation, not of model)."""
     saved = from_dict(ModelConfig, saved_model, f"{checkpoint_path} (saved config)")
-    for key in sorted(getattr(c, "explicit_model_keys", set()) - {"spec"}):
+    for key in sorted(explicit_keys - {"spec"}):
         mine, theirs = getattr(c.model, key), getattr(saved, key)
         _require(mine == theirs, source, f"model.{key}",
                  f"{mine!r} here but {theirs!r} in checkpoint.init {checkpoint_path}; leave it out to use the checkpoint's")
