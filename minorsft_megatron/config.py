@@ -365,9 +365,12 @@ def validate(c: TrainConfig, source: str = "config", world_size: int | None = No
     _require(c.stop_at_step is None or c.stop_at_step >= 1, source, "stop_at_step", "must be at least 1")
     _choice(c.device, (None, "cuda", "cpu"), source, "device")
     if world_size is not None:
-        model_parallel = p.tp * p.pp * p.cp
-        _require(world_size % model_parallel == 0, source, "parallel",
-                 f"tp x pp x cp = {model_parallel} does not divide the {world_size} processes")
+        from minorsft_megatron.parallel import LayoutError, check_layout
+
+        try:
+            check_layout(world_size, p.tp, p.pp, p.cp)
+        except LayoutError as err:
+            raise ConfigError(f"{source}: parallel: {err}")
 
 
 def check_for_device(c: TrainConfig, source: str, device_type: str) -> None:

@@ -84,6 +84,7 @@ def greedy(model, prompt: list[int], stops: set[int], max_new_tokens: int, vocab
 def generate(args) -> None:
     from megatron.core import parallel_state
 
+    parallel.check_layout(int(os.environ.get("WORLD_SIZE", "1")), args.tp)  # before reading anything
     cfg, state = checkpoint_config(args.load, args.tp, 1)
     try:
         tokenizer = load_tokenizer(args.tokenizer)

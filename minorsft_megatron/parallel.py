@@ -13,6 +13,16 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from minorsft_megatron.device import distributed_backend
 
 
+class LayoutError(ValueError):
+    """A parallel layout the job's processes cannot form."""
+
+
+def check_layout(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1) -> None:
+    """Refuse a layout these `world_size` processes cannot form (callable before any process group exists)."""
+    if min(tp, pp, cp) < 1 or world_size % (tp * pp * cp):
+        raise LayoutError(f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
+
+
 def initialize(
     device: torch.device,
     tp: int = 1,
@@ -31,9 +41,7 @@ def initialize(
             timeout=datetime.timedelta(minutes=timeout_minutes),
             device_id=device if device.type == "cuda" else None,
         )
-    world_size = dist.get_world_size()
-    if world_size % (tp * pp * cp):
-        raise ValueError(f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
+    check_layout(dist.get_world_size(), tp, pp, cp)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,

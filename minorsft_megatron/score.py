@@ -101,6 +101,7 @@ def rank_micro_batches(dataset: SFTDataset, seq_length: int, mbs: int, dp_rank: 
 def score(args) -> None:
     from megatron.core import parallel_state
 
+    parallel.check_layout(int(os.environ.get("WORLD_SIZE", "1")), args.tp, args.pp)  # before reading anything
     cfg, state = checkpoint_config(args.load, args.tp, args.pp)
     precision = args.precision or cfg.reference.precision
     device = setup_device(cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else None)

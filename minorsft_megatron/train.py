@@ -35,7 +35,7 @@ from minorsft_megatron.metrics_log import MetricsLog
 from minorsft_megatron.model import checkpoint_vocab_size, gpt_from_config, transformer_config
 from minorsft_megatron.reference import CachedReference, ColocatedReference, ReferenceCacheError
 
-USER_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError, ReferenceCacheError)
+USER_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError, ReferenceCacheError, parallel.LayoutError)
 
 
 @dataclass

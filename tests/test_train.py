@@ -206,3 +206,19 @@ def test_what_a_cpu_cannot_run_is_refused_in_one_line(tmp_path, data_prefix, ove
     with pytest.raises(ConfigError) as err:
         check_for_device(config, "c.yaml", "cpu")
     assert str(err.value).startswith("c.yaml: ") and message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--load", "NOWHERE", "--data", "DATA", "--out", "OUT"],
+     "error: NOWHERE: neither a checkpoint nor a directory with latest_checkpointed_iteration.txt"),
+    (["--load", "CKPT", "--tp", "3", "--data", "DATA", "--out", "OUT"],
+     "error: world size 1 is not divisible by tp*pp*cp = 3*1*1"),
+])
+def test_score_refuses_bad_input_in_one_line(tmp_path, data_prefix, argv, message):
+    names = {"NOWHERE": str(tmp_path / "nowhere"), "DATA": data_prefix, "OUT": str(tmp_path / "out.jsonl"),
+             "CKPT": str(tmp_path / "unread")}  # the layout is refused before the checkpoint is read
+    proc = subprocess.run([sys.executable, "-m", "minorsft_megatron.score", *[names.get(a, a) for a in argv]],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [message.replace("NOWHERE", names["NOWHERE"])]
+    assert not (tmp_path / "out.jsonl").exists()
