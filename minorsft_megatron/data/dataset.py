@@ -152,19 +152,25 @@ class SFTBatches:
         positions = np.arange(step * size, (step + 1) * size)
         return np.array([self._order(int(p // n))[p % n] for p in positions], dtype=np.int64)
 
-    def rank_samples(self, step: int, rank: int) -> np.ndarray:
+    def _shards(self, step: int) -> list[np.ndarray]:
+        """Every DP rank's contiguous share of step `step`'s global batch."""
         per_rank = self.settings.global_batch_size // self.dp_size
-        return self.global_batch(step)[rank * per_rank : (rank + 1) * per_rank]
+        batch = self.global_batch(step)
+        return [batch[rank * per_rank : (rank + 1) * per_rank] for rank in range(self.dp_size)]
+
+    def rank_samples(self, step: int, rank: int) -> np.ndarray:
+        return self._shards(step)[rank]
 
     def micro_batches(self, step: int) -> list[SFTBatch]:
         """This rank's micro-batches for step `step`."""
-        samples = self.rank_samples(step, self.dp_rank)
-        if not self.settings.packing:
-            mbs = self.settings.micro_batch_size
-            return [self._padded(samples[i : i + mbs]) for i in range(0, len(samples), mbs)]
-        rows = self._rows(samples)
+        shards = self._shards(step)
         mbs = self.settings.micro_batch_size
-        num_micro = -(-max(len(self._rows(self.rank_samples(step, r))) for r in range(self.dp_size)) // mbs)
+        if not self.settings.packing:
+            samples = shards[self.dp_rank]
+            return [self._padded(samples[i : i + mbs]) for i in range(0, len(samples), mbs)]
+        rows_per_rank = [self._rows(shard) for shard in shards]  # every rank's packing, to agree on a count
+        rows = rows_per_rank[self.dp_rank]
+        num_micro = -(-max(len(r) for r in rows_per_rank) // mbs)
         rows += [[]] * (num_micro * mbs - len(rows))  # empty rows so every DP rank runs as many micro-batches
         return [self._packed(rows[i : i + mbs]) for i in range(0, len(rows), mbs)]
 
