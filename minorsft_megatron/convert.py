@@ -21,6 +21,7 @@ import os
 import shutil
 import struct
 import sys
+from pathlib import Path
 
 import torch
 
@@ -361,8 +362,7 @@ def hf_to_megatron(hf_dir: str, out: str, spec: str = "local", dtype: str = "bf1
             del tensor
             if n % 10 == 0 or n == len(todo):
                 log(f"[{n}/{len(todo)}] {key}")
-        files = {name: open(os.path.join(hf_dir, name), "rb").read() for name in COPIED_FILES
-                 if os.path.isfile(os.path.join(hf_dir, name))}
+        files = {name: Path(hf_dir, name).read_bytes() for name in COPIED_FILES if Path(hf_dir, name).is_file()}
         state = {"config": to_dict(train_cfg), "vocab_size": model_cfg.vocab_size, "kind": "hf",
                  "hf": {"config": hf_config, "files": files}}
         path = checkpoint.save(out, 0, _Prepared(sharded), None, state)
@@ -449,8 +449,8 @@ def megatron_to_hf(load: str, out: str, dtype: str | None = None, max_shard_byte
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     tensors = ((n, hf_from_megatron(n, get, m).to(out_dtype).contiguous()) for n in names)
-    weight_map = write_safetensors(tmp, names, shapes, out_dtype, tensors, max_shard_bytes, log)
-    write_hf_side_files(tmp, state, m, out_dtype, weight_map)
+    write_safetensors(tmp, names, shapes, out_dtype, tensors, max_shard_bytes, log)
+    write_hf_side_files(tmp, state, m, out_dtype)
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -500,7 +500,7 @@ def write_safetensors(directory, names, shapes, dtype, tensors, max_shard_bytes,
     return weight_map
 
 
-def write_hf_side_files(directory, state, m, dtype, weight_map) -> None:
+def write_hf_side_files(directory, state, m, dtype) -> None:
     """config.json (the original, byte for byte, unless the dtype changed), generation config, tokenizer files."""
     hf = state.get("hf") or {}
     for file, data in hf.get("files", {}).items():
