@@ -25,7 +25,7 @@ import numpy as np
 
 from minorsft_megatron.data.records import RecordError, parse_record
 from minorsft_megatron.data.templates import ChatTemplate, resolve_template, tokenize_conversation
-from minorsft_megatron.data.tokenizer import SFTTokenizer, TokenizerError, load_tokenizer
+from minorsft_megatron.data.tokenizer import SFTTokenizer, TokenizerError, load_tokenizer, update_from_file
 
 FORMAT_VERSION = 1
 TRUNCATE_MODES = ("answer", "drop")
@@ -85,10 +85,9 @@ def output_paths(prefix: str) -> dict[str, str]:
 
 
 def sha256_of_file(path: str) -> str:
+    """SHA-256 of the file's bytes alone (its name is not part of the dataset fingerprint)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    update_from_file(digest, path)
     return digest.hexdigest()
 
 

@@ -26,13 +26,19 @@ class TokenizerError(ValueError):
     """A tokenizer path that cannot be loaded or lacks something a setting needs."""
 
 
+def update_from_file(digest, path: str) -> None:
+    """Feed a file's bytes to `digest`, 1 MiB at a time."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+
+
 def sha256_of_files(paths: list[str]) -> str:
+    """SHA-256 over each file's name and bytes, in order."""
     digest = hashlib.sha256()
     for path in paths:
         digest.update(os.path.basename(path).encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        update_from_file(digest, path)
     return digest.hexdigest()
 
 
