@@ -14,7 +14,6 @@ work; pipeline parallelism is not used here (tiny evaluation models). Each step 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -27,6 +26,7 @@ from minorsft_megatron.data.records import RecordError, parse_record
 from minorsft_megatron.data.templates import prompt_ids, resolve_template
 from minorsft_megatron.data.tokenizer import TokenizerError, load_tokenizer
 from minorsft_megatron.device import setup_device
+from minorsft_megatron.reference import write_jsonl
 from minorsft_megatron.score import checkpoint_config
 from minorsft_megatron.train import build_model, run_main
 
@@ -111,10 +111,7 @@ def generate(args) -> None:
     dist.gather_object(results if parallel_state.get_tensor_model_parallel_rank() == 0 else [], gathered, dst=0)
     if dist.get_rank() == 0:
         rows = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, args.out)
+        write_jsonl(args.out, rows)
         accuracy = sum(r["exact_match"] for r in rows) / max(len(rows), 1)
         print(f"generated {len(rows)} answers: exact match {accuracy:.4f}; wrote {args.out}", flush=True)
 

@@ -31,6 +31,14 @@ def meta_path(cache_path: str) -> str:
     return f"{cache_path}.meta.json"
 
 
+def write_jsonl(path: str, rows) -> None:
+    """One JSON object per line, written under a temporary name and renamed into place."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
 def write_cache(path: str, index, logp_sum, num_answer_tokens, meta: dict) -> None:
     """Write the cache atomically (temporary names, then rename: data first, meta last)."""
     tmp, tmp_meta = f"{path}.tmp{os.getpid()}", f"{meta_path(path)}.tmp{os.getpid()}"

@@ -14,7 +14,6 @@ far this checkpoint has moved from its base. `--load` alone is enough: the check
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -29,7 +28,7 @@ from minorsft_megatron.config import DTYPES, ConfigError, ParallelConfig, TrainC
 from minorsft_megatron.data.dataset import SFTDataset, padded_micro_batch
 from minorsft_megatron.device import setup_device
 from minorsft_megatron.forward_step import SFTLossFunction, collect_logp_sums, forward_backward
-from minorsft_megatron.reference import read_cache, write_cache
+from minorsft_megatron.reference import read_cache, write_cache, write_jsonl
 from minorsft_megatron.train import build_model, run_main
 
 SEQ_MULTIPLE = 8
@@ -153,11 +152,7 @@ def answer_token_log_probs(stats, batches) -> list[list[float]]:
 
 def write_per_token(path: str, index, parts) -> None:
     by_index = {i: t for p in parts for i, t in zip(p[0], p[3])}
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i in index:
-            f.write(json.dumps({"index": int(i), "token_logp": by_index[int(i)]}) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(path, ({"index": int(i), "token_logp": by_index[int(i)]} for i in index))
 
 
 def write_result(args, parts, dataset, loaded_state, precision) -> None:
