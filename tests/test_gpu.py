@@ -39,7 +39,6 @@ def te_against_local(hf_dir, megatron_dir):
 
 
 def test_te_spec_matches_local_spec_in_bf16(tmp_path):
-    from minorsft_megatron.convert import hf_to_megatron  # noqa: F401 (runs in a worker below)
     from tests.convert_workers import make_hf_model
 
     hf = make_hf_model("llama", str(tmp_path / "hf"))

@@ -12,7 +12,7 @@ from tests.tokenizers_for_tests import (
 )
 
 from minorsft_megatron.data.dataset import SFTDataset
-from minorsft_megatron.data.preprocess import PreprocessError, PreprocessSettings, main, preprocess
+from minorsft_megatron.data.preprocess import PreprocessSettings, main, preprocess
 from minorsft_megatron.data.templates import resolve_template, tokenize_conversation
 from minorsft_megatron.data.tokenizer import TokenizerError, load_tokenizer
 
