@@ -132,6 +132,7 @@ def test_cache_of_another_dataset_or_checkpoint_is_refused(tmp_path):
     ("model.hidden_sise=64", "model.hidden_sise: unknown key"),
     ("model.hidden_size=wide", "model.hidden_size: expected int, got str 'wide'"),
     ("optimizer.lr=[1]", "optimizer.lr: expected float, got list"),
+    ("optimizer.lr=1e-5x", "optimizer.lr: expected float, got str '1e-5x'"),
     ("loss.name=dpo", "loss.name: 'dpo' is not one of"),
     ("parallel.tp=3", "parallel.tp: must divide the 2 query groups"),
     ("parallel.sp=true", "parallel.sp: needs parallel.tp > 1"),
@@ -162,6 +163,15 @@ def test_config_error_on_the_command_line_is_one_line(tmp_path, data_prefix):
     bad_yaml.write_text("model:\n  num_layers: [2\n")
     with pytest.raises(ConfigError, match=rf"{bad_yaml}:3: not valid YAML"):
         load_config(str(bad_yaml))
+
+
+def test_exponent_without_a_dot_is_a_float(tmp_path, data_prefix):
+    """YAML 1.1 reads `1e-5` as a string; a float field takes it as the number it spells, in files and overrides."""
+    config = tiny_config(tmp_path, data_prefix)
+    assert load_config(config, ["optimizer.lr=1e-5", "loss.beta=4E-2"]).optimizer.lr == 1e-5
+    assert load_config(config, ["loss.beta=4E-2"]).loss.beta == 0.04
+    with pytest.raises(ConfigError, match="model.hidden_size: expected int, got str '1e2'"):
+        load_config(config, ["model.hidden_size=1e2"])
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu.yaml", "qwen2_7b_minor_sft.yaml", "llama3_8b_minor_sft.yaml"])
