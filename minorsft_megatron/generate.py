@@ -1,14 +1,15 @@
 """Greedy answers of a checkpoint to SFT prompts, and their exact-match accuracy against the records' answers.
 
     torchrun --nproc-per-node N -m minorsft_megatron.generate --load CKPT [--tp T] --jsonl FILE --tokenizer PATH
-        [--chat-template NAME] --out FILE.jsonl [--max-new-tokens 64]
+        [--chat-template NAME] --out FILE.jsonl [--max-new-tokens 64] [--batch-size 32]
 
 For each record, the prompt is the conversation up to its last assistant turn, templated as in preprocessing
 (with the template's generation prompt); the model then decodes greedily until EOS or the template's end-of-turn
 marker. FILE.jsonl gets one line per record, in order: `{"index", "generated", "reference", "exact_match",
 "generated_ids"}` (exact match: the stripped texts are equal). Tensor-parallel and data-parallel ranks split the
-work; pipeline parallelism is not used here (tiny evaluation models). Each step recomputes the whole sequence
-(no KV cache): meant for evaluation sets of short answers.
+work; pipeline parallelism is not used here (tiny evaluation models). Prompts of the same token length are decoded
+together, up to --batch-size at a time (no padding, so batching changes no answer). Each step recomputes the
+whole sequence (no KV cache): meant for evaluation sets of short answers.
 """
 
 from __future__ import annotations
@@ -57,28 +58,46 @@ def stop_ids(tokenizer) -> set[int]:
     return ids
 
 
-def next_token(model, ids: list[int], vocab_size: int, tp_group, device) -> int:
-    """Greedy next token: full-vocabulary argmax over the TP shards of the last position's logits."""
-    tokens = torch.tensor([ids], device=device)
-    positions = torch.arange(len(ids), device=device)[None]
-    logits = model(tokens, positions, attention_mask=None)[0, -1].float()  # [V/tp]
+def next_tokens(model, ids: torch.Tensor, vocab_size: int, tp_group) -> torch.Tensor:
+    """Greedy next token of each row of `ids` [b, s]: full-vocabulary argmax over the TP shards of the last
+    position's logits (one all_gather over `tp_group` when TP > 1). Returns [b]."""
+    positions = torch.arange(ids.shape[1], device=ids.device)[None]
+    logits = model(ids, positions, attention_mask=None)[:, -1].float()  # [b, V/tp]
     if dist.get_world_size(tp_group) > 1:
         shards = [torch.empty_like(logits) for _ in range(dist.get_world_size(tp_group))]
         dist.all_gather(shards, logits, group=tp_group)
-        logits = torch.cat(shards)
-    return int(logits[:vocab_size].argmax())
+        logits = torch.cat(shards, dim=-1)  # [b, V_padded]
+    return logits[:, :vocab_size].argmax(dim=-1)
 
 
 @torch.no_grad()
-def greedy(model, prompt: list[int], stops: set[int], max_new_tokens: int, vocab_size: int, tp_group, device):
-    ids, new = list(prompt), []
+def greedy(model, prompts: list[list[int]], stops: set[int], max_new_tokens: int, vocab_size: int, tp_group,
+           device) -> list[list[int]]:
+    """Greedy continuations of prompts of one length, decoded together (no padding, so each row is exactly what
+    it would be alone); a row leaves the batch at its stop token, which is not returned."""
+    ids = torch.tensor(prompts, device=device)  # [b, s]
+    rows = list(range(len(prompts)))  # the prompt each row of `ids` continues
+    new: list[list[int]] = [[] for _ in prompts]
     for _ in range(max_new_tokens):
-        token = next_token(model, ids, vocab_size, tp_group, device)
-        if token in stops:
+        tokens = next_tokens(model, ids, vocab_size, tp_group)  # [b]
+        going = [token not in stops for token in tokens.tolist()]
+        for row, token, on in zip(rows, tokens.tolist(), going):
+            if on:
+                new[row].append(token)
+        keep = torch.tensor(going, device=device)
+        ids = torch.cat([ids[keep], tokens[keep, None]], dim=1)
+        rows = [row for row, on in zip(rows, going) if on]
+        if not rows:
             break
-        ids.append(token)
-        new.append(token)
     return new
+
+
+def same_length_batches(prompts: list[tuple[list[int], str]], indices, batch_size: int) -> list[list[int]]:
+    """`indices` grouped by prompt length, in chunks of at most `batch_size`."""
+    by_length: dict[int, list[int]] = {}
+    for i in indices:
+        by_length.setdefault(len(prompts[i][0]), []).append(i)
+    return [group[k:k + batch_size] for _, group in sorted(by_length.items()) for k in range(0, len(group), batch_size)]
 
 
 def generate(args) -> None:
@@ -102,11 +121,13 @@ def generate(args) -> None:
     mine = range(dp_rank, len(prompts), dp_size)
     stops = stop_ids(tokenizer)
     results = []
-    for i in mine:
-        new = greedy(model, prompts[i][0], stops, args.max_new_tokens, state["vocab_size"], pgs.tp, device)
-        text = tokenizer.decode(new)
-        results.append({"index": i, "generated": text, "reference": prompts[i][1],
-                        "exact_match": text.strip() == prompts[i][1].strip(), "generated_ids": new})
+    for batch in same_length_batches(prompts, mine, args.batch_size):
+        answers = greedy(model, [prompts[i][0] for i in batch], stops, args.max_new_tokens, state["vocab_size"],
+                         pgs.tp, device)
+        for i, new in zip(batch, answers):
+            text = tokenizer.decode(new)
+            results.append({"index": i, "generated": text, "reference": prompts[i][1],
+                            "exact_match": text.strip() == prompts[i][1].strip(), "generated_ids": new})
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(results if parallel_state.get_tensor_model_parallel_rank() == 0 else [], gathered, dst=0)
     if dist.get_rank() == 0:
@@ -126,11 +147,15 @@ def parse_args(argv=None):
     p.add_argument("--chat-template", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32, help="prompts of one token length decoded together")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        print("error: --batch-size and --max-new-tokens must be at least 1", file=sys.stderr)
+        return 2
     return run_main(lambda: generate(args))
 
 

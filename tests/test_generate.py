@@ -45,19 +45,26 @@ def test_greedy_tokens_match_transformers(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     subprocess.run([sys.executable, "tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", str(tmp_path / "hf"),
                     "--out", str(tmp_path / "mg"), "--dtype", "fp32"], check=True, cwd=REPO, capture_output=True)
+    lines = open(os.path.join(DATA, "sft_eval.jsonl")).readlines()
+    tok = load_tokenizer(SENTENCEPIECE_MODEL)
+    chatml = resolve_template("chatml", tok)
+    lengths = [len(p) for p, _ in read_prompts(os.path.join(DATA, "sft_eval.jsonl"), tok, chatml)]
+    shared = max(set(lengths), key=lengths.count)  # prompts of one length are decoded together: 3 here, in 2 batches
+    same_length = [line for line, n in zip(lines, lengths) if n == shared][:3]
+    assert len(same_length) == 3
     records = tmp_path / "eval.jsonl"
-    records.write_text("".join(open(os.path.join(DATA, "sft_eval.jsonl")).readlines()[:4]))
+    records.write_text("".join(lines[:4] + same_length))
     out = tmp_path / "answers.jsonl"
     argv = ["--load", str(tmp_path / "mg"), "--tp", "2", "--jsonl", str(records), "--tokenizer",
-            SENTENCEPIECE_MODEL, "--chat-template", "chatml", "--out", str(out), "--max-new-tokens", "6"]
+            SENTENCEPIECE_MODEL, "--chat-template", "chatml", "--out", str(out), "--max-new-tokens", "6",
+            "--batch-size", "2"]
     from minorsft_megatron.generate import generate
 
     spawn(2, generate, parse_args(argv), out_dir=tmp_path / "job", timeout=300)
     rows = [json.loads(line) for line in open(out)]
-    tok = load_tokenizer(SENTENCEPIECE_MODEL)
     prompts = read_prompts(str(records), tok, resolve_template("chatml", tok))
     stops = sorted(stop_ids(tok))
-    assert [r["index"] for r in rows] == list(range(4))
+    assert [r["index"] for r in rows] == list(range(7))
     for row, (prompt, reference) in zip(rows, prompts):
         with torch.no_grad():
             full = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=stops,
