@@ -1,0 +1,108 @@
+"""The synthetic skills of the replication study, written deterministically from one seed.
+
+Words are 3-6 letters over the alphabet a-j. Task A (what the base model is pre-trained on) is four skills,
+each a prompt/response record whose prompt names the skill and ends with " =":
+
+    copy bdca =  ->  bdca        rev bdca =   ->  acdb
+    sort bdca =  ->  abcd        next bdca =  ->  cedb   (each letter to the next one, j wraps to a)
+
+Task B (the new skill, the SFT set): `back bdca =` -> `jbca`, the word reversed, then each letter moved to the
+previous one (a wraps to j). It reuses the base model's knowledge of the letters and of reversing, but the
+keyword and the backward shift are new.
+
+The tokenizer is a character-level SentencePiece model trained from the corpus itself, so every letter is one
+token and an answer of k letters is k + 1 answer tokens (with EOS).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+
+ALPHABET = "abcdefghij"
+MIN_LEN, MAX_LEN = 3, 6
+
+
+def shift(word: str, by: int) -> str:
+    return "".join(ALPHABET[(ALPHABET.index(c) + by) % len(ALPHABET)] for c in word)
+
+
+SKILLS_A = {
+    "copy": lambda w: w,
+    "rev": lambda w: w[::-1],
+    "sort": lambda w: "".join(sorted(w)),
+    "next": lambda w: shift(w, 1),
+}
+SKILL_B = ("back", lambda w: shift(w[::-1], -1))
+
+
+def random_word(rng: random.Random) -> str:
+    return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(MIN_LEN, MAX_LEN)))
+
+
+def record(skill: str, fn, word: str) -> dict:
+    return {"prompt": f"{skill} {word} =", "response": fn(word)}
+
+
+def split_words(rng: random.Random, sizes: dict[str, int]) -> dict[str, list[str]]:
+    """Disjoint sets of distinct words, one per split: held-out words are never seen in training."""
+    total = sum(sizes.values())
+    words, seen = [], set()
+    while len(words) < total:
+        w = random_word(rng)
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    out, start = {}, 0
+    for name, n in sizes.items():
+        out[name] = words[start:start + n]
+        start += n
+    return out
+
+
+def corpus(seed: int, a_train: int, a_test: int, b_train: int, b_dev: int, b_test: int) -> dict[str, list[dict]]:
+    """The study's splits: task A train/test (all four skills, interleaved) and task B train/dev/test."""
+    rng = random.Random(seed)
+    per_skill_train, per_skill_test = a_train // len(SKILLS_A), a_test // len(SKILLS_A)
+    splits = {"a_train": [], "a_test": []}
+    for skill, fn in SKILLS_A.items():
+        words = split_words(rng, {"train": per_skill_train, "test": per_skill_test})
+        splits["a_train"] += [record(skill, fn, w) for w in words["train"]]
+        splits["a_test"] += [record(skill, fn, w) for w in words["test"]]
+    rng.shuffle(splits["a_train"])
+    rng.shuffle(splits["a_test"])
+    words = split_words(rng, {"train": b_train, "dev": b_dev, "test": b_test})
+    for name, ws in words.items():
+        splits[f"b_{name}"] = [record(SKILL_B[0], SKILL_B[1], w) for w in ws]
+    return splits
+
+
+def train_tokenizer(texts: list[str], path: str) -> None:
+    """A character-level SentencePiece model of `texts` (ids 0-3: unk, BOS, EOS, pad), written atomically."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="char", vocab_size=len(set("".join(texts))) + 4,
+        character_coverage=1.0, normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1,
+        shuffle_input_sentence=False, minloglevel=2,
+    )
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, path)
+
+
+def write_splits(splits: dict[str, list[dict]], out_dir: str) -> dict[str, str]:
+    paths = {}
+    for name, rows in splits.items():
+        path = os.path.join(out_dir, f"{name}.jsonl")
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, path)
+        paths[name] = path
+    return paths
