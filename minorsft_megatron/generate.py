@@ -7,9 +7,10 @@ For each record, the prompt is the conversation up to its last assistant turn, t
 (with the template's generation prompt); the model then decodes greedily until EOS or the template's end-of-turn
 marker. FILE.jsonl gets one line per record, in order: `{"index", "generated", "reference", "exact_match",
 "generated_ids"}` (exact match: the stripped texts are equal). Tensor-parallel and data-parallel ranks split the
-work; pipeline parallelism is not used here (tiny evaluation models). Prompts of the same token length are decoded
-together, up to --batch-size at a time (no padding, so batching changes no answer). Each step recomputes the
-whole sequence (no KV cache): meant for evaluation sets of short answers.
+work; pipeline parallelism is not used here (tiny evaluation models). Prompts of the same token length are
+decoded together, up to --batch-size at a time (no padding: a row sees only its own prompt, so batching changes
+answers only through floating-point rounding). Each step recomputes the whole sequence (no KV cache): meant for
+evaluation sets of short answers.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def next_tokens(model, ids: torch.Tensor, vocab_size: int, tp_group) -> torch.Te
 @torch.no_grad()
 def greedy(model, prompts: list[list[int]], stops: set[int], max_new_tokens: int, vocab_size: int, tp_group,
            device) -> list[list[int]]:
-    """Greedy continuations of prompts of one length, decoded together (no padding, so each row is exactly what
-    it would be alone); a row leaves the batch at its stop token, which is not returned."""
+    """Greedy continuations of prompts of one length, decoded together (no padding: each row attends only to its
+    own tokens, as it would alone); a row leaves the batch at its stop token, which is not returned."""
     ids = torch.tensor(prompts, device=device)  # [b, s]
     rows = list(range(len(prompts)))  # the prompt each row of `ids` continues
     new: list[list[int]] = [[] for _ in prompts]

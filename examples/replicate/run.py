@@ -56,10 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/replicate", help="study directory (default runs/replicate)")
     p.add_argument("--workers", type=int, default=2, help="parallel runs, one CPU thread each (default 2)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
-    p.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3],
-                   help="fine-tuning peak learning rates (default 5e-4 1e-3 2e-3 4e-3 8e-3)")
-    p.add_argument("--betas", type=float, nargs="+", default=[0.01, 0.04, 0.16, 0.64],
-                   help="betas of sft_dpo and minor_sft (default 0.01 0.04 0.16 0.64; the paper's is 0.04)")
+    p.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 4e-3],
+                   help="fine-tuning peak learning rates (default 5e-4 1e-3 2e-3 4e-3)")
+    p.add_argument("--betas", type=float, nargs="+", default=[0.01, 0.04, 0.06, 0.08, 0.11, 0.16, 0.64],
+                   help="betas of sft_dpo and minor_sft (default 0.01 0.04 0.06 0.08 0.11 0.16 0.64; the paper's "
+                        "is 0.04)")
     p.add_argument("--corpus-seed", type=int, default=0)
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each fine-tuning run's checkpoint")
     p.add_argument("--smoke", action="store_true",
