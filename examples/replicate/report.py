@@ -208,9 +208,12 @@ def figure_lr_sweep(path: str, groups: dict) -> None:
                 axes[i][j].errorbar([k[1] for k in keys], [s[0] for s in stats], yerr=[s[1] for s in stats],
                                     marker="o", capsize=3, label=label, color=plt.cm.viridis(n / max(len(betas), 2)))
         axes[0][j].set_title(LABELS[m], fontsize=10)
+        lrs = sorted({k[1] for k in groups if k[0] == m})
         for i, (_, title) in enumerate(rows):
             ax = axes[i][j]
             ax.set_xscale("log")
+            ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+            ax.minorticks_off()
             ax.grid(alpha=0.3)
             if j == 0:
                 ax.set_ylabel(title)
