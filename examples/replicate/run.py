@@ -69,6 +69,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.workers < 1 or args.seeds < 1:
         p.error("--workers and --seeds must be at least 1")
+    if min(args.lrs + args.betas) <= 0:
+        p.error("--lrs and --betas must be > 0")
     return args
 
 
@@ -133,13 +135,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+WORKER_LOG = ""
+
+
 def worker_init(log_dir: str) -> None:
     """One thread, its own rendezvous port, and its output in its own log file (the parent prints progress)."""
     import torch
 
+    global WORKER_LOG
     torch.set_num_threads(1)
     os.environ["MASTER_PORT"] = str(free_port())
-    log = open(os.path.join(log_dir, f"worker-{os.getpid()}.log"), "a")
+    WORKER_LOG = os.path.join(log_dir, f"worker-{os.getpid()}.log")
+    log = open(WORKER_LOG, "a")
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
 
@@ -152,7 +159,7 @@ def call(command: str, argv: list[str]) -> None:
     rc = importlib.import_module(f"minorsft_megatron.{command}").main(argv)
     sys.stdout.flush()
     if rc != 0:
-        raise RuntimeError(f"minorsft_megatron.{command} exited {rc} (see {os.getpid()}'s worker log)")
+        raise RuntimeError(f"minorsft_megatron.{command} exited {rc}; see {WORKER_LOG}")
 
 
 def evaluate(out: str, ckpt: str, run_dir: str, reference: str | None) -> dict:
@@ -264,6 +271,15 @@ def best_setting(groups: dict[tuple, list[dict]], method: str) -> tuple:
     return max(mine, key=lambda k: (mean_std([r["acc_b_dev"] for r in groups[k]])[0], -k[1]))
 
 
+def result_or_exit(pool, future, what: str):
+    """The job's result; a failed job ends the study in one line (finished runs are kept for a rerun)."""
+    try:
+        return future.result()
+    except Exception as err:
+        pool.shutdown(cancel_futures=True)
+        sys.exit(f"error: {what} failed: {err}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -284,7 +300,7 @@ def main(argv=None) -> int:
     # Not multiprocessing.Pool: its daemonic workers cannot start the writer processes of dist checkpointing.
     with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=worker_init,
                              initargs=(logs,)) as pool:
-        base_result = pool.submit(base_job, out, base).result()
+        base_result = result_or_exit(pool, pool.submit(base_job, out, base), "scoring the base model")
         progress("base model: task B dev {acc_b_dev:.3f}, task A test {acc_a_test:.3f}, "
                  "task A NLL {nll_a_test:.4f}".format(**base_result))
 
@@ -294,7 +310,7 @@ def main(argv=None) -> int:
                 for m, lr, beta in grid(args) for seed in range(1, args.seeds + 1)]
         results = []
         for future in as_completed([pool.submit(finetune_job, job) for job in jobs]):
-            r = future.result()
+            r = result_or_exit(pool, future, "a fine-tuning run")
             results.append(r)
             progress(f"{len(results):3d}/{len(jobs)} {run_name(r['method'], r['lr'], r['beta'], r['seed'])}: "
                      f"B test {r['acc_b_test']:.3f}, A test {r['acc_a_test']:.3f}, "
