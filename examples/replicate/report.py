@@ -120,11 +120,12 @@ def verdict_accuracy(groups: dict, best: dict) -> tuple[str, list[str]]:
 
 def verdict_learning_rate(groups: dict, best: dict) -> tuple[str, list[str]]:
     """Claim 3: MinorSFT's best learning rate is above raw SFT's. Resolved only when each method's dev accuracy at
-    its own best learning rate beats its accuracy at the other's by more than 2 SE."""
+    its own best learning rate beats its accuracy at the other's by more than 2 SE (for equal best learning
+    rates, see same_best_learning_rate)."""
     (_, lr_minor, beta_minor), (_, lr_sft, _) = best["minor_sft"], best["sft_seq"]
     notes = [f"best learning rate (task B dev): minor_sft {lr_minor:g} (beta {beta_minor:g}), sft_seq {lr_sft:g}"]
     if lr_minor == lr_sft:
-        return WORDS[-1], notes + ["both are best at the same learning rate"]
+        return same_best_learning_rate(groups, best["minor_sft"], notes)
     separated = True
     for method, own, other, beta in (("minor_sft", lr_minor, lr_sft, beta_minor), ("sft_seq", lr_sft, lr_minor, None)):
         diff, se, sign = compare(values(groups[(method, own, beta)], "acc_b_dev"),
@@ -134,6 +135,19 @@ def verdict_learning_rate(groups: dict, best: dict) -> tuple[str, list[str]]:
     if not separated:
         return WORDS[0], notes
     return WORDS[1 if lr_minor > lr_sft else -1], notes
+
+
+def same_best_learning_rate(groups: dict, minor_best: tuple, notes: list[str]) -> tuple[str, list[str]]:
+    """Both best at one learning rate: the claim fails only if MinorSFT is measurably worse at the next higher one."""
+    _, lr, beta = minor_best
+    higher = sorted(k[1] for k in groups if k[0] == "minor_sft" and k[2] == beta and k[1] > lr)
+    notes.append("both are best at the same learning rate")
+    if not higher:
+        return WORDS[0], notes + ["no higher learning rate in the grid"]
+    diff, se, sign = compare(values(groups[("minor_sft", lr, beta)], "acc_b_dev"),
+                             values(groups[("minor_sft", higher[0], beta)], "acc_b_dev"))
+    notes.append(f"minor_sft: dev accuracy at lr {lr:g} minus at lr {higher[0]:g}: {diff:+.3f} (SE {se:.3f})")
+    return WORDS[-1 if sign == 1 else 0], notes
 
 
 # ---- figures -------------------------------------------------------------------------------------------------
@@ -284,8 +298,26 @@ def write(out: str, base: dict, results: list[dict], args, minutes: float) -> No
     atomic_text(os.path.join(out, "results.json"), json.dumps(summary, indent=1))
 
 
+def rewrite(out: str) -> None:
+    """report.md and the figures again from `out`/results.json (the recorded run time is kept)."""
+    import argparse
+
+    with open(os.path.join(out, "results.json")) as f:
+        summary = json.load(f)
+    write(out, summary["base"], summary["runs"], argparse.Namespace(**summary["args"]), summary["minutes"])
+
+
 def atomic_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2 or not os.path.isfile(os.path.join(sys.argv[1], "results.json")):
+        sys.exit("usage: python examples/replicate/report.py STUDY_DIR   (a directory with results.json)")
+    rewrite(sys.argv[1])
+    print(f"rewrote {sys.argv[1]}/report.md and the figures from its results.json")
