@@ -26,6 +26,29 @@ CHAT_SPECIAL_TOKENS = [
 ]
 
 
+EXACT_DECODE = dict(
+    character_coverage=1.0,
+    normalization_rule_name="identity",
+    add_dummy_prefix=False,
+    remove_extra_whitespaces=False,
+    unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+    num_threads=1,
+    shuffle_input_sentence=False,
+    minloglevel=2,
+)
+"""Options every tokenizer trained here shares: decode(encode(text)) == text, ids 0-3 as above, same bytes per input."""
+
+
+def train_sentencepiece(lines: list[str], out: str, **options) -> None:
+    """Train a SentencePiece model from memory (no file paths end up inside it) and write it to `out` atomically."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **EXACT_DECODE, **options)
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, out)
+
+
 def main():
     here = os.path.join(os.path.dirname(__file__), "..", "examples", "data")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,28 +60,8 @@ def main():
         sys.exit(f"{args.input}: no such file")
     with open(args.input, encoding="utf-8") as f:
         lines = f.read().splitlines()
-    model = io.BytesIO()  # trained from memory: no file paths end up inside the model
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=args.vocab_size,
-        character_coverage=1.0,
-        byte_fallback=True,
-        split_digits=True,
-        normalization_rule_name="identity",
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        user_defined_symbols=CHAT_SPECIAL_TOKENS,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        num_threads=1,
-        shuffle_input_sentence=False,
-        minloglevel=2,
-    )
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, args.out)
+    train_sentencepiece(lines, args.out, model_type="bpe", vocab_size=args.vocab_size, byte_fallback=True,
+                        split_digits=True, user_defined_symbols=CHAT_SPECIAL_TOKENS)
     print(f"wrote {os.path.normpath(args.out)} ({args.vocab_size} pieces)")
 
 

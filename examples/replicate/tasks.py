@@ -16,10 +16,9 @@ token and an answer of k letters is k + 1 answer tokens (with EOS).
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import random
+import sys
 
 ALPHABET = "abcdefghij"
 MIN_LEN, MAX_LEN = 3, 6
@@ -81,28 +80,17 @@ def corpus(seed: int, a_train: int, a_test: int, b_train: int, b_dev: int, b_tes
 
 def train_tokenizer(texts: list[str], path: str) -> None:
     """A character-level SentencePiece model of `texts` (ids 0-3: unk, BOS, EOS, pad), written atomically."""
-    import sentencepiece as spm
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools"))
+    from train_tokenizer import train_sentencepiece  # tools/train_tokenizer.py
 
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, model_type="char", vocab_size=len(set("".join(texts))) + 4,
-        character_coverage=1.0, normalization_rule_name="identity", add_dummy_prefix=False,
-        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1,
-        shuffle_input_sentence=False, minloglevel=2,
-    )
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, path)
+    train_sentencepiece(texts, path, model_type="char", vocab_size=len(set("".join(texts))) + 4)
 
 
 def write_splits(splits: dict[str, list[dict]], out_dir: str) -> dict[str, str]:
-    paths = {}
+    """Each split as out_dir/NAME.jsonl, written atomically; returns {name: path}."""
+    from minorsft_megatron.reference import write_jsonl
+
+    paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in splits}
     for name, rows in splits.items():
-        path = os.path.join(out_dir, f"{name}.jsonl")
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, path)
-        paths[name] = path
+        write_jsonl(paths[name], rows)
     return paths
