@@ -308,50 +308,70 @@ def _choice(value, choices, source, key):
     _require(value in choices, source, key, f"{value!r} is not one of {', '.join(map(str, choices))}")
 
 
-def validate(c: TrainConfig, source: str = "config", world_size: int | None = None) -> None:
-    """Checks that need no model and no data beyond file existence."""
-    m, p = c.model, c.parallel
+def _validate_model(c: TrainConfig, source: str) -> None:
+    m = c.model
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "max_position_embeddings"):
         _require(getattr(m, key) >= 1, source, f"model.{key}", "must be at least 1")
     _require(m.kv_channels is not None or m.hidden_size % m.num_attention_heads == 0, source,
              "model.num_attention_heads", f"must divide hidden_size {m.hidden_size} (or set model.kv_channels)")
-    groups = m.num_query_groups or m.num_attention_heads
-    _require(m.num_attention_heads % groups == 0, source, "model.num_query_groups",
+    _require(m.num_attention_heads % _query_groups(m) == 0, source, "model.num_query_groups",
              f"must divide num_attention_heads {m.num_attention_heads}")
     _choice(m.normalization, ("RMSNorm", "LayerNorm"), source, "model.normalization")
     _choice(m.activation, ("swiglu", "gelu"), source, "model.activation")
     _choice(m.spec, ("auto", "local", "te"), source, "model.spec")
+
+
+def _query_groups(m: ModelConfig) -> int:
+    return m.num_query_groups or m.num_attention_heads
+
+
+def _validate_parallel(c: TrainConfig, source: str) -> None:
+    m, p = c.model, c.parallel
     for key in ("tp", "pp", "cp"):
         _require(getattr(p, key) >= 1, source, f"parallel.{key}", "must be at least 1")
-    _require(groups % p.tp == 0, source, "parallel.tp", f"must divide the {groups} query groups")
+    _require(_query_groups(m) % p.tp == 0, source, "parallel.tp", f"must divide the {_query_groups(m)} query groups")
     _require(m.num_layers % p.pp == 0, source, "parallel.pp", f"must divide num_layers {m.num_layers}")
     _require(not p.sp or p.tp > 1, source, "parallel.sp", "needs parallel.tp > 1")
     _require(p.cp == 1 or m.spec != "local", source, "parallel.cp", "context parallelism needs model.spec: te")
+
+
+def _validate_precision_and_loss(c: TrainConfig, source: str) -> None:
+    from minorsft_megatron.transformer_engine import FP8_FORMATS, FP8_RECIPES
+
     _choice(c.precision.dtype, DTYPES, source, "precision.dtype")
+    _choice(c.precision.fp8, (None,) + FP8_FORMATS, source, "precision.fp8")
+    _choice(c.precision.fp8_recipe, FP8_RECIPES, source, "precision.fp8_recipe")
     _choice(c.loss.name, tuple(LOSSES), source, "loss.name")
     _require(c.loss.beta > 0, source, "loss.beta", "must be positive")
+
+
+def _validate_optimizer(c: TrainConfig, source: str) -> None:
     o = c.optimizer
     _require(o.lr > 0 and 0 <= o.min_lr <= o.lr, source, "optimizer.lr", "need lr > 0 and 0 <= min_lr <= lr")
     _require(0 <= o.warmup_ratio < 1, source, "optimizer.warmup_ratio", "must be in [0, 1)")
     _choice(o.decay, ("linear", "cosine"), source, "optimizer.decay")
     _require(o.clip_grad >= 0, source, "optimizer.clip_grad", "must be >= 0")
-    d = c.data
+
+
+def _validate_data(c: TrainConfig, source: str) -> None:
+    d, p = c.data, c.parallel
     _require(bool(d.prefix), source, "data.prefix", "is required")
     _require(os.path.isfile(f"{d.prefix}.json"), source, "data.prefix",
              f"{d.prefix}.json not found (run tools/preprocess_sft_data.py first)")
     for key in ("seq_length", "micro_batch_size", "global_batch_size", "epochs"):
         _require(getattr(d, key) >= 1, source, f"data.{key}", "must be at least 1")
-    _require(d.seq_length <= m.max_position_embeddings, source, "data.seq_length",
-             f"exceeds model.max_position_embeddings {m.max_position_embeddings}")
+    _require(d.seq_length <= c.model.max_position_embeddings, source, "data.seq_length",
+             f"exceeds model.max_position_embeddings {c.model.max_position_embeddings}")
     _require(not p.sp or d.seq_length % p.tp == 0, source, "data.seq_length",
              "must be a multiple of parallel.tp under sequence parallelism")
     _require(d.seq_length % (2 * p.cp) == 0 or p.cp == 1, source, "data.seq_length",
              "must be a multiple of 2 * parallel.cp")
-    r = c.reference
+
+
+def _validate_reference(c: TrainConfig, source: str) -> None:
+    r, d = c.reference, c.data
     _choice(r.mode, ("colocated", "cache", "none"), source, "reference.mode")
     _choice(r.precision, DTYPES + ("fp8",), source, "reference.precision")
-    _choice(c.precision.fp8, (None, "hybrid", "e4m3"), source, "precision.fp8")
-    _choice(c.precision.fp8_recipe, ("delayed", "tensorwise", "blockwise", "mxfp8"), source, "precision.fp8_recipe")
     if r.micro_batch_size is not None:
         _require(r.micro_batch_size >= 1 and r.micro_batch_size % d.micro_batch_size == 0, source,
                  "reference.micro_batch_size", f"must be a multiple of data.micro_batch_size {d.micro_batch_size}")
@@ -361,6 +381,9 @@ def validate(c: TrainConfig, source: str = "config", world_size: int | None = No
     if r.mode == "none":
         _require(not LOSSES[c.loss.name].needs_reference, source, "reference.mode",
                  f"loss {c.loss.name} needs a reference (colocated or cache)")
+
+
+def _validate_checkpoint_and_run(c: TrainConfig, source: str) -> None:
     ck = c.checkpoint
     _require(ck.interval >= 0, source, "checkpoint.interval", "must be >= 0")
     _require(ck.keep is None or ck.keep >= 1, source, "checkpoint.keep", "must be at least 1")
@@ -370,11 +393,22 @@ def validate(c: TrainConfig, source: str = "config", world_size: int | None = No
     _require(c.train_steps is None or c.train_steps >= 1, source, "train_steps", "must be at least 1")
     _require(c.stop_at_step is None or c.stop_at_step >= 1, source, "stop_at_step", "must be at least 1")
     _choice(c.device, (None, "cuda", "cpu"), source, "device")
+
+
+SECTION_CHECKS = (_validate_model, _validate_parallel, _validate_precision_and_loss, _validate_optimizer,
+                  _validate_data, _validate_reference, _validate_checkpoint_and_run)
+"""validate() runs these in order; each raises ConfigError naming the first key that is wrong."""
+
+
+def validate(c: TrainConfig, source: str = "config", world_size: int | None = None) -> None:
+    """Checks that need no model and no data beyond file existence."""
+    for check in SECTION_CHECKS:
+        check(c, source)
     if world_size is not None:
         from minorsft_megatron.parallel import LayoutError, check_layout
 
         try:
-            check_layout(world_size, p.tp, p.pp, p.cp)
+            check_layout(world_size, c.parallel.tp, c.parallel.pp, c.parallel.cp)
         except LayoutError as err:
             raise ConfigError(f"{source}: parallel: {err}")
 
@@ -384,13 +418,13 @@ def check_for_device(c: TrainConfig, source: str, device_type: str) -> None:
     on a CPU megatron-core's distributed and mixed-precision optimizers and the TE spec."""
     from minorsft_megatron import transformer_engine
 
-    fp8_reference = c.reference.mode == "colocated" and (c.reference.precision == "fp8" or c.reference.fp8_weights)
-    try:
-        transformer_engine.check_fp8(c.precision.fp8 or ("e4m3" if fp8_reference else None), device_type,
-                                     c.precision.fp8_recipe)
-    except transformer_engine.FP8Error as err:
-        what = str(err) if c.precision.fp8 else str(err).replace("precision.fp8: 'e4m3'", "reference FP8", 1)
-        raise ConfigError(f"{source}: {what}")
+    roles = [("policy", None)] + ([("reference", "reference FP8")] if c.reference.mode == "colocated" else [])
+    for role, what in roles:
+        p = transformer_engine.role_precision(c, role)
+        try:
+            transformer_engine.check_fp8(p.fp8, device_type, p.fp8_recipe, what=what)
+        except transformer_engine.FP8Error as err:
+            raise ConfigError(f"{source}: {err}")
     if device_type == "cuda":
         return
     _require(not c.optimizer.distributed, source, "optimizer.distributed",

@@ -266,12 +266,14 @@ def park_entry(entry, tensor: torch.Tensor, staging: Staging):
 def meta_sharded_state_dict(train_cfg, vocab_size: int) -> dict:
     """megatron-core's sharded state dict of the whole model (TP = PP = 1) built on the meta device: the keys,
     shapes and layer offsets of a checkpoint, with no memory behind them."""
-    from minorsft_megatron.model import checkpoint_vocab_size, gpt_from_config, transformer_config
-
     from dataclasses import replace
 
+    from minorsft_megatron.model import checkpoint_vocab_size, gpt_from_config, transformer_config
+    from minorsft_megatron.transformer_engine import RolePrecision
+
     model_cfg = replace(train_cfg.model, spec="local")  # the same checkpoint keys as the TE spec, no TE needed
-    config = transformer_config(model_cfg, train_cfg.parallel, train_cfg.precision.dtype, initialize=False)
+    config = transformer_config(model_cfg, train_cfg.parallel, RolePrecision(train_cfg.precision.dtype),
+                                initialize=False)
     with torch.device("meta"):
         model = gpt_from_config(model_cfg, config, checkpoint_vocab_size(vocab_size), True, True)
     return model.sharded_state_dict()
@@ -543,13 +545,15 @@ def verify(hf_dir: str, megatron_dir: str, num_sequences: int = 4, length: int =
 
     from minorsft_megatron import checkpoint
     from minorsft_megatron.config import TrainConfig, from_dict
-    from minorsft_megatron.train import build_model
+    from minorsft_megatron.model import build_model
+    from minorsft_megatron.transformer_engine import RolePrecision
 
     single_process_group()
     state = checkpoint.read_state(megatron_dir)
     cfg = from_dict(TrainConfig, state["config"], megatron_dir)
     cfg.model.spec = "local"
-    model, _ = build_model(cfg, cfg.precision.dtype, state["vocab_size"], torch.device("cpu"), initialize=False)
+    model, _ = build_model(cfg, RolePrecision(cfg.precision.dtype), state["vocab_size"], torch.device("cpu"),
+                           initialize=False)
     checkpoint.load(megatron_dir, model)
     model = model.float().eval()
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

@@ -23,14 +23,16 @@ import torch
 import torch.distributed as dist
 
 from minorsft_megatron import checkpoint, parallel
+from minorsft_megatron.cli import run_main
 from minorsft_megatron.config import ConfigError
 from minorsft_megatron.data.records import RecordError, parse_record
 from minorsft_megatron.data.templates import prompt_ids, resolve_template
 from minorsft_megatron.data.tokenizer import TokenizerError, load_tokenizer
 from minorsft_megatron.device import setup_device
-from minorsft_megatron.reference import write_jsonl
+from minorsft_megatron.model import build_model
+from minorsft_megatron.reference_cache import write_jsonl
 from minorsft_megatron.score import checkpoint_config
-from minorsft_megatron.train import build_model, run_main
+from minorsft_megatron.transformer_engine import RolePrecision
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>")
 
@@ -114,8 +116,8 @@ def generate(args) -> None:
     prompts = read_prompts(args.jsonl, tokenizer, template)
     device = setup_device(cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else None)
     pgs = parallel.initialize(device, tp=args.tp, seed=cfg.seed)
-    model, _ = build_model(cfg, "fp32" if device.type == "cpu" else "bf16", state["vocab_size"], device,
-                           initialize=False)
+    model, _ = build_model(cfg, RolePrecision("fp32" if device.type == "cpu" else "bf16"), state["vocab_size"],
+                           device, initialize=False)
     checkpoint.load(args.load, model)
     model.eval()
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()

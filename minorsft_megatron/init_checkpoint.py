@@ -13,10 +13,12 @@ import argparse
 import sys
 
 from minorsft_megatron import checkpoint, parallel
+from minorsft_megatron.cli import run_main
 from minorsft_megatron.config import load_config, to_dict
 from minorsft_megatron.data.dataset import SFTDataset
 from minorsft_megatron.device import setup_device
-from minorsft_megatron.train import build_model, run_main
+from minorsft_megatron.model import build_model
+from minorsft_megatron.transformer_engine import RolePrecision
 
 
 def init_checkpoint(config_path: str, out: str, overrides: list[str]) -> None:
@@ -24,7 +26,7 @@ def init_checkpoint(config_path: str, out: str, overrides: list[str]) -> None:
     device = setup_device(cfg.device)
     vocab = cfg.model.vocab_size or SFTDataset(cfg.data.prefix).meta["tokenizer"]["vocab_size"]
     parallel.initialize(device, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.seed)
-    model, _ = build_model(cfg, cfg.precision.dtype, vocab, device, initialize=True)
+    model, _ = build_model(cfg, RolePrecision(cfg.precision.dtype), vocab, device, initialize=True)
     path = checkpoint.save(out, 0, model, None, {"config": to_dict(cfg), "vocab_size": vocab, "kind": "init"})
     if parallel.is_logging_rank():
         print(f"wrote the initial checkpoint {path}", flush=True)

@@ -6,11 +6,15 @@ Every function takes its process groups as arguments; `None` means "not parallel
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.tensor_parallel.utils import VocabUtility
+
+from minorsft_megatron.data.batch import SFTBatch, sample_ids
 
 
 def _rank_and_size(group) -> tuple[int, int]:
@@ -109,16 +113,6 @@ def vocab_parallel_log_probs(
     return _VocabParallelLogProbs.apply(vocab_parallel_logits, labels, vocab_size, tp_group)
 
 
-def sample_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """For each of `num_tokens` flattened positions, the sample it belongs to; `n` for trailing padding.
-
-    Args:
-        cu_seqlens: `[n + 1]` cumulative sample lengths, starting at 0, over the flattened `[b * s]` tokens.
-    """
-    positions = torch.arange(num_tokens, device=cu_seqlens.device)
-    return torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)  # [b * s]
-
-
 def sequence_sums(
     token_values: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -155,3 +149,42 @@ def context_parallel_sum(partial_sums: torch.Tensor, cp_group=None) -> torch.Ten
     if cp_group is None or dist.get_world_size(cp_group) == 1:
         return partial_sums
     return reduce_from_tensor_model_parallel_region(partial_sums.clone(), group=cp_group)
+
+
+class SequenceLogProbs(NamedTuple):
+    """Per-sample answer log-probs of a micro-batch (or of several, concatenated in order)."""
+
+    logp_sum: torch.Tensor
+    """[n] float32 sum of each sample's answer-token log-probs (differentiable where computed with grad)."""
+    num_answer_tokens: torch.Tensor
+    """[n] int64 answer tokens of each sample."""
+    token_logp: torch.Tensor | None = None
+    """[b, s] detached log-prob of every position's label (this CP rank's positions), when asked for."""
+
+
+def sequence_log_probs(batch: SFTBatch, logits: torch.Tensor, vocab_size: int, tp_group, cp_group,
+                       keep_token_log_probs: bool = False) -> SequenceLogProbs:
+    """Per-sample answer log-prob sums and answer-token counts for one micro-batch.
+
+    Args:
+        logits: `[b, s, V/tp]` from GPTModel (this rank's vocabulary shard, this CP rank's part of s).
+        keep_token_log_probs: also return the detached per-token log-probs `[b, s]`.
+    Returns:
+        SequenceLogProbs with totals over the CP group.
+        Collectives: 3 all-reduces over `tp_group`, 1 over `cp_group`.
+    """
+    token_logp = vocab_parallel_log_probs(logits, batch.labels, vocab_size, tp_group)  # [b, s]
+    mask = batch.loss_mask.to(token_logp.dtype)  # [b, s]
+    partial = torch.stack(
+        [sequence_sums(token_logp, mask, batch.cu_seqlens), sequence_sums(mask, mask, batch.cu_seqlens)]
+    )  # [2, n]
+    logp_sum, num_tokens = context_parallel_sum(partial, cp_group).unbind()
+    kept = token_logp.detach() if keep_token_log_probs else None
+    return SequenceLogProbs(logp_sum, num_tokens.round().to(torch.int64), kept)
+
+
+def concat_log_probs(parts: list[SequenceLogProbs]) -> SequenceLogProbs:
+    """Several micro-batches' results as one, samples (and rows) in order."""
+    tokens = None if parts[0].token_logp is None else torch.cat([p.token_logp for p in parts])
+    return SequenceLogProbs(torch.cat([p.logp_sum for p in parts]),
+                            torch.cat([p.num_answer_tokens for p in parts]), tokens)

@@ -1,4 +1,4 @@
-"""GPTModel construction on megatron-core layer specs.
+"""GPTModel construction on megatron-core layer specs, from the training config or from explicit settings.
 
 The local spec's norm (`WrappedTorchNorm`) refuses sequence parallelism when Apex is absent. `TorchNorm`
 below is the same torch LayerNorm/RMSNorm with its parameters marked `sequence_parallel`, so that
@@ -9,6 +9,7 @@ for Apex's and Transformer Engine's norms. Parameter names are unchanged.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -111,10 +112,11 @@ def checkpoint_vocab_size(vocab_size: int) -> int:
     return padded_vocab_size(vocab_size, 1, divisible_by=VOCAB_MULTIPLE)
 
 
-def transformer_config(model_cfg, parallel_cfg, dtype: str, initialize: bool = True, fp8: str | None = None,
-                       fp8_recipe: str = "delayed", fp8_param: bool = False) -> TransformerConfig:
-    """megatron-core's TransformerConfig for `model_cfg` (config.ModelConfig) at this parallel layout, no dropout.
-    `fp8` / `fp8_recipe` / `fp8_param` go to megatron-core's FP8 support (Transformer Engine spec, GPU)."""
+def transformer_config(model_cfg, parallel_cfg, precision: transformer_engine.RolePrecision,
+                       initialize: bool = True) -> TransformerConfig:
+    """megatron-core's TransformerConfig for `model_cfg` (config.ModelConfig) at this parallel layout, no dropout,
+    in `precision` (its FP8 settings go to megatron-core's FP8 support: Transformer Engine spec, GPU)."""
+    dtype = precision.dtype
     torch_dtype = TORCH_DTYPES[dtype]
     swiglu = model_cfg.activation == "swiglu"
     return TransformerConfig(
@@ -142,9 +144,9 @@ def transformer_config(model_cfg, parallel_cfg, dtype: str, initialize: bool = T
         pipeline_dtype=torch_dtype,
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
-        fp8=fp8,
-        fp8_recipe=fp8_recipe,
-        fp8_param=fp8_param,
+        fp8=precision.fp8,
+        fp8_recipe=precision.fp8_recipe,
+        fp8_param=precision.fp8_param,
         use_cpu_initialization=True,  # the full weights are drawn, then split: the same model under any TP
         perform_initialization=initialize,
         calculate_per_token_loss=True,
@@ -166,3 +168,25 @@ def gpt_from_config(model_cfg, config: TransformerConfig, padded_vocab: int, pre
         qk_layernorm=model_cfg.qk_layernorm,
         rope_scaling_factor=model_cfg.rope_scaling_factor,
     )
+
+
+def build_model(cfg, precision: transformer_engine.RolePrecision, vocab: int, device, initialize: bool):
+    """This pipeline stage's GPTModel for `cfg` (config.TrainConfig) in `precision` (wrapped in Float16Module for
+    bf16/fp16) on `device`, on the layer spec `cfg.model.spec` resolves to here (auto: Transformer Engine on a GPU
+    where it imports). `initialize`: draw random weights from `cfg.seed`, else leave them to a checkpoint."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.module import Float16Module
+
+    model_cfg = replace(cfg.model, spec=transformer_engine.resolve_spec(cfg.model.spec, device.type))
+    config = transformer_config(model_cfg, cfg.parallel, precision, initialize=initialize)
+    torch.manual_seed(cfg.seed)  # the full weights are drawn on the CPU from this seed, then split over TP
+    model = gpt_from_config(model_cfg, config, checkpoint_vocab_size(vocab),
+                            parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
+    if precision.dtype != "fp32":
+        model = Float16Module(config, model)
+    return model.to(device), config
+
+
+def unwrap(model):
+    """The GPTModel inside a Float16Module (or the model itself)."""
+    return getattr(model, "module", model)

@@ -18,18 +18,21 @@ import math
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from minorsft_megatron import checkpoint, parallel, transformer_engine
+from minorsft_megatron.cli import run_main
 from minorsft_megatron.config import DTYPES, ConfigError, ParallelConfig, TrainConfig, from_dict
-from minorsft_megatron.data.dataset import SFTDataset, padded_micro_batch
+from minorsft_megatron.data.batch import padded_micro_batch
+from minorsft_megatron.data.dataset import SFTDataset
 from minorsft_megatron.device import setup_device
-from minorsft_megatron.forward_step import SFTLossFunction, collect_logp_sums, forward_backward
-from minorsft_megatron.reference import read_cache, write_cache, write_jsonl
-from minorsft_megatron.train import build_model, run_main
+from minorsft_megatron.forward_step import LogProbCollector, forward_log_probs
+from minorsft_megatron.model import build_model
+from minorsft_megatron.reference_cache import read_cache, write_cache, write_jsonl
 
 SEQ_MULTIPLE = 8
 
@@ -97,9 +100,47 @@ def rank_micro_batches(dataset: SFTDataset, seq_length: int, mbs: int, dp_rank: 
     return batches, keep
 
 
-def score(args) -> None:
+@dataclass
+class ScoredPart:
+    """What one scoring rank (TP rank 0 of a last-stage DP rank) found for its share of the samples."""
+
+    index: list[int]
+    """Dataset index of each sample."""
+    logp_sum: list[float]
+    num_answer_tokens: list[int]
+    token_logp: list[list[float]] | None = None
+    """Each sample's answer-token log-probs (--per-token)."""
+
+
+def score_rank_share(args, cfg, state, dataset, device, pgs, precision: str):
+    """Score this rank's share of `dataset` with the checkpoint; returns (its ScoredPart or None, the loaded
+    checkpoint's state). Only TP rank 0 of the last pipeline stage returns a part."""
     from megatron.core import parallel_state
 
+    seq_length = int(math.ceil((dataset.lengths.max() - 1) / SEQ_MULTIPLE) * SEQ_MULTIPLE)
+    role = transformer_engine.role_precision(cfg, "score", precision)
+    transformer_engine.check_fp8(role.fp8, device.type, role.fp8_recipe)
+    model, _ = build_model(cfg, role, state["vocab_size"], device, initialize=False)
+    loaded = checkpoint.load(args.load, model)
+    model.eval()
+    batches, keep = rank_micro_batches(dataset, seq_length, args.micro_batch_size,
+                                       parallel_state.get_data_parallel_rank(),
+                                       parallel_state.get_data_parallel_world_size())
+    collector = LogProbCollector(state["vocab_size"], tp_group=pgs.tp, cp_group=pgs.cp,
+                                 keep_token_log_probs=args.per_token is not None)
+    scored = forward_log_probs([model], [b.to(device) for b in batches], collector, seq_length,
+                               args.micro_batch_size)
+    if scored is None or parallel_state.get_tensor_model_parallel_rank() != 0:
+        return None, loaded
+    index = torch.cat([b.sample_index for b in batches])
+    k = torch.from_numpy(keep)
+    tokens = answer_token_log_probs(scored.token_logp, batches) if args.per_token else None
+    return ScoredPart(index[k].tolist(), scored.logp_sum.cpu().double()[k].tolist(),
+                      scored.num_answer_tokens.cpu()[k].tolist(),
+                      [t for t, kept in zip(tokens, keep) if kept] if tokens else None), loaded
+
+
+def score(args) -> None:
     parallel.check_layout(int(os.environ.get("WORLD_SIZE", "1")), args.tp, args.pp)  # before reading anything
     cfg, state = checkpoint_config(args.load, args.tp, args.pp)
     precision = args.precision or cfg.reference.precision
@@ -108,29 +149,7 @@ def score(args) -> None:
     workdir = f"{args.out}.tmp-data"  # --jsonl is preprocessed here by rank 0, removed at the end
     try:
         dataset = SFTDataset(prepare_dataset(args, workdir))
-        seq_length = int(math.ceil((dataset.lengths.max() - 1) / SEQ_MULTIPLE) * SEQ_MULTIPLE)
-        fp8 = (cfg.precision.fp8 or "e4m3") if precision == "fp8" else None
-        transformer_engine.check_fp8(fp8, device.type, cfg.precision.fp8_recipe)
-        model, _ = build_model(cfg, "bf16" if fp8 else precision, state["vocab_size"], device, initialize=False,
-                               fp8=fp8)
-        loaded = checkpoint.load(args.load, model)
-        model.eval()
-        batches, keep = rank_micro_batches(dataset, seq_length, args.micro_batch_size,
-                                           parallel_state.get_data_parallel_rank(),
-                                           parallel_state.get_data_parallel_world_size())
-        loss_fn = SFTLossFunction("sft", 0.04, vocab_size=state["vocab_size"], tp_group=pgs.tp, cp_group=pgs.cp,
-                                  keep_token_log_probs=args.per_token is not None)
-        with torch.no_grad():
-            stats = forward_backward([model], [b.to(device) for b in batches], loss_fn, seq_length,
-                                     args.micro_batch_size, forward_only=True)
-        part = None
-        if stats and parallel_state.get_tensor_model_parallel_rank() == 0:
-            logp_sum, counts = collect_logp_sums(stats)
-            index = torch.cat([b.sample_index for b in batches])
-            k = torch.from_numpy(keep)
-            tokens = answer_token_log_probs(stats, batches) if args.per_token else None
-            part = (index[k].tolist(), logp_sum.cpu().double()[k].tolist(), counts.cpu()[k].tolist(),
-                    [t for t, kept in zip(tokens, keep) if kept] if tokens else None)
+        part, loaded = score_rank_share(args, cfg, state, dataset, device, pgs, precision)
         parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(part, parts, dst=0)
         if dist.get_rank() == 0:
@@ -141,26 +160,24 @@ def score(args) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def answer_token_log_probs(stats, batches) -> list[list[float]]:
-    """Each row's log-probs at its answer positions (loss mask 1), in row order."""
-    rows = []
-    for d, batch in zip(stats, batches):
-        for logp, mask in zip(d["token_logp"].cpu().double(), batch.loss_mask):
-            rows.append(logp[mask.bool()].tolist())
-    return rows
+def answer_token_log_probs(token_logp: torch.Tensor, batches) -> list[list[float]]:
+    """Each row's log-probs at its answer positions (loss mask 1), in row order; `token_logp` is `[B, s]` over
+    the rows of all `batches`."""
+    loss_mask = torch.cat([batch.loss_mask for batch in batches])
+    return [logp[mask.bool()].tolist() for logp, mask in zip(token_logp.cpu().double(), loss_mask)]
 
 
-def write_per_token(path: str, index, parts) -> None:
-    by_index = {i: t for p in parts for i, t in zip(p[0], p[3])}
+def write_per_token(path: str, index, parts: list[ScoredPart]) -> None:
+    by_index = {i: t for p in parts for i, t in zip(p.index, p.token_logp)}
     write_jsonl(path, ({"index": int(i), "token_logp": by_index[int(i)]} for i in index))
 
 
-def write_result(args, parts, dataset, loaded_state, precision) -> None:
-    index = [i for p in parts for i in p[0]]
+def write_result(args, parts: list[ScoredPart], dataset, loaded_state, precision) -> None:
+    index = [i for p in parts for i in p.index]
     order = np.argsort(index, kind="stable")
     index = np.asarray(index)[order]
-    logp_sum = np.asarray([s for p in parts for s in p[1]])[order]
-    counts = np.asarray([c for p in parts for c in p[2]])[order]
+    logp_sum = np.asarray([s for p in parts for s in p.logp_sum])[order]
+    counts = np.asarray([c for p in parts for c in p.num_answer_tokens])[order]
     assert index.tolist() == list(range(len(dataset))), "every sample scored exactly once"
     meta = {
         "checkpoint": {"path": os.path.abspath(checkpoint.resolve(args.load)),

@@ -20,22 +20,15 @@ import torch.distributed as dist
 import yaml
 
 from minorsft_megatron import checkpoint, parallel
-from minorsft_megatron.config import (
-    ConfigError,
-    TrainConfig,
-    check_for_device,
-    load_config,
-    to_dict,
-    validate,
-)
-from minorsft_megatron.data.dataset import BatchSettings, DataError, SFTBatches, SFTDataset
+from minorsft_megatron.cli import run_main
+from minorsft_megatron.config import ConfigError, TrainConfig, check_for_device, load_config, to_dict, validate
+from minorsft_megatron.data.dataset import BatchSettings, SFTBatches, SFTDataset
 from minorsft_megatron.device import peak_memory_gib, setup_device
-from minorsft_megatron.forward_step import SFTLossFunction, forward_backward, reduce_step_metrics
+from minorsft_megatron.forward_step import LogProbCollector, SFTLossFunction, forward_backward, reduce_step_metrics
 from minorsft_megatron.metrics_log import MetricsLog
-from minorsft_megatron.model import checkpoint_vocab_size, gpt_from_config, transformer_config
-from minorsft_megatron.reference import CachedReference, ColocatedReference, ReferenceCacheError
-
-USER_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError, ReferenceCacheError, parallel.LayoutError)
+from minorsft_megatron.model import build_model, unwrap
+from minorsft_megatron.reference import CachedReference, ColocatedReference
+from minorsft_megatron.transformer_engine import role_precision
 
 
 @dataclass
@@ -48,35 +41,46 @@ class Policy:
     scheduler: object
 
 
-def build_model(cfg: TrainConfig, dtype: str, vocab: int, device, initialize: bool, fp8: str | None = None,
-                fp8_param: bool = False):
-    """This pipeline stage's GPTModel (wrapped in Float16Module for bf16/fp16) on `device`, on the layer spec
-    `cfg.model.spec` resolves to here (auto: Transformer Engine on a GPU where it imports)."""
-    from dataclasses import replace
+@dataclass
+class Run:
+    """What one training job holds between its steps."""
 
-    from megatron.core import parallel_state
-    from megatron.core.transformer.module import Float16Module
+    cfg: TrainConfig
+    device: torch.device
+    pgs: object
+    """megatron-core's ProcessGroupCollection."""
+    dataset: SFTDataset
+    vocab: int
+    batches: SFTBatches
+    """This DP rank's micro-batches of each step, from the consumed samples on."""
+    total_steps: int
+    """Length of the run and of its learning-rate schedule."""
+    stop_at: int
+    """The iteration this invocation stops (and saves) at."""
+    policy: Policy
+    reference: object
+    """CachedReference, ColocatedReference or None."""
+    loss_fn: SFTLossFunction
+    save_dir: str
+    start_id: str | None
+    """Identity of the starting checkpoint (checkpoint.init); None: random initialisation."""
+    hf_origin: dict | None
+    """Hugging Face config and tokenizer files the starting checkpoint came with, carried into every save."""
+    iteration: int = 0
+    consumed: int = 0
+    log: MetricsLog | None = None
+    """On the logging rank only."""
 
-    from minorsft_megatron import transformer_engine
 
-    cfg = replace(cfg, model=replace(cfg.model, spec=transformer_engine.resolve_spec(cfg.model.spec, device.type)))
-    config = transformer_config(cfg.model, cfg.parallel, dtype, initialize=initialize, fp8=fp8,
-                                fp8_recipe=cfg.precision.fp8_recipe, fp8_param=fp8_param)
-    torch.manual_seed(cfg.seed)  # the full weights are drawn on the CPU from this seed, then split over TP
-    model = gpt_from_config(cfg.model, config, checkpoint_vocab_size(vocab),
-                            parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
-    if dtype != "fp32":
-        model = Float16Module(config, model)
-    return model.to(device), config
-
+# ---- building ---------------------------------------------------------------------------------------------------
 
 def build_policy(cfg: TrainConfig, vocab: int, device, total_steps: int) -> Policy:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    model, config = build_model(cfg, cfg.precision.dtype, vocab, device, initialize=cfg.checkpoint.init is None,
-                                fp8=cfg.precision.fp8)
+    model, config = build_model(cfg, role_precision(cfg, "policy"), vocab, device,
+                                initialize=cfg.checkpoint.init is None)
     config.finalize_model_grads_func = finalize_model_grads
     o = cfg.optimizer
     ddp = DistributedDataParallel(
@@ -100,10 +104,6 @@ def build_policy(cfg: TrainConfig, vocab: int, device, total_steps: int) -> Poli
     return Policy(model, ddp, optimizer, scheduler)
 
 
-def unwrap(model):
-    return getattr(model, "module", model)
-
-
 def build_reference(cfg: TrainConfig, policy: Policy, vocab: int, device, pgs, dataset, start_id):
     """The reference the config asks for (None for mode none), holding the policy's *starting* weights."""
     mode = cfg.reference.mode
@@ -111,16 +111,67 @@ def build_reference(cfg: TrainConfig, policy: Policy, vocab: int, device, pgs, d
         return None
     if mode == "cache":
         return CachedReference(cfg.reference.cache, dataset.fingerprint, start_id)
-    r = cfg.reference
-    fp8 = (cfg.precision.fp8 or "e4m3") if r.precision == "fp8" or r.fp8_weights else None
-    dtype = "bf16" if r.precision == "fp8" else r.precision
-    model, _ = build_model(cfg, dtype, vocab, device, initialize=False, fp8=fp8, fp8_param=r.fp8_weights)
+    model, _ = build_model(cfg, role_precision(cfg, "reference"), vocab, device, initialize=False)
     unwrap(model).load_state_dict(unwrap(policy.model).state_dict())  # cast to the reference's dtype
-    loss_fn = SFTLossFunction("sft", cfg.loss.beta, vocab_size=vocab, tp_group=pgs.tp, cp_group=pgs.cp)
+    collector = LogProbCollector(vocab, tp_group=pgs.tp, cp_group=pgs.cp)
     merge = (cfg.reference.micro_batch_size or cfg.data.micro_batch_size) // cfg.data.micro_batch_size
-    return ColocatedReference(model, loss_fn, device, cfg.data.seq_length, cfg.data.micro_batch_size,
+    return ColocatedReference(model, collector, device, cfg.data.seq_length, cfg.data.micro_batch_size,
                               offload=cfg.reference.offload, merge=merge)
 
+
+def open_dataset(cfg: TrainConfig, source: str) -> tuple[SFTDataset, int]:
+    """The training data and the model's vocabulary (the config's, else the tokenizer's)."""
+    dataset = SFTDataset(cfg.data.prefix)
+    tokenizer_vocab = dataset.meta["tokenizer"]["vocab_size"]
+    vocab = cfg.model.vocab_size or tokenizer_vocab
+    if tokenizer_vocab > vocab:
+        raise ConfigError(f"{source}: model.vocab_size: {vocab} is smaller than the tokenizer's "
+                          f"{tokenizer_vocab} tokens (data.prefix {cfg.data.prefix})")
+    return dataset, vocab
+
+
+def batch_settings(cfg: TrainConfig) -> BatchSettings:
+    d = cfg.data
+    return BatchSettings(d.seq_length, d.micro_batch_size, d.global_batch_size, d.packing, d.seed, d.epochs)
+
+
+def load_start(cfg: TrainConfig, policy: Policy) -> tuple[str | None, dict | None]:
+    """Load checkpoint.init into the policy; returns its identity and Hugging Face origin (or None, None)."""
+    if cfg.checkpoint.init is None:
+        return None, None
+    start = checkpoint.load(cfg.checkpoint.init, policy.model)
+    return start["checkpoint_id"], start.get("hf")  # Hugging Face config and tokenizer files
+
+
+def setup(cfg: TrainConfig, source: str) -> Run:
+    """Check the config, join the job, build the data, policy and reference, and resume where a save is."""
+    from megatron.core import parallel_state
+
+    device = setup_device(cfg.device)
+    validate(cfg, source, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    check_for_device(cfg, source, device.type)
+    dataset, vocab = open_dataset(cfg, source)
+    pgs = parallel.initialize(device, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.seed)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    total_steps = SFTBatches(dataset, batch_settings(cfg), dp_rank, dp_size).num_steps
+    total_steps = min(total_steps, cfg.train_steps or total_steps)
+    policy = build_policy(cfg, vocab, device, total_steps)
+    start_id, hf_origin = load_start(cfg, policy)
+    run = Run(cfg, device, pgs, dataset, vocab, batches=None, total_steps=total_steps,
+              stop_at=min(total_steps, cfg.stop_at_step or total_steps), policy=policy,
+              reference=build_reference(cfg, policy, vocab, device, pgs, dataset, start_id),
+              loss_fn=SFTLossFunction(cfg.loss.name, cfg.loss.beta, vocab_size=vocab, tp_group=pgs.tp,
+                                      cp_group=pgs.cp),
+              save_dir=cfg.checkpoint.save or os.path.join(cfg.output_dir, "checkpoints"),
+              start_id=start_id, hf_origin=hf_origin)
+    resumed_from = resume(run)
+    run.batches = SFTBatches(dataset, batch_settings(cfg), dp_rank, dp_size, consumed_samples=run.consumed)
+    if parallel.is_logging_rank():
+        run.log = open_log(run, resumed_from)
+    return run
+
+
+# ---- resuming and saving ----------------------------------------------------------------------------------------
 
 def layout(cfg: TrainConfig) -> dict:
     return {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "cp": cfg.parallel.cp, "world": dist.get_world_size()}
@@ -144,6 +195,48 @@ def check_resumed_state(state: dict, path: str, dataset, start_id) -> None:
         )
 
 
+def resume(run: Run) -> str | None:
+    """Load the policy, optimizer, scheduler and counters from the checkpoint to resume from, if any."""
+    path = resume_path(run.cfg, run.save_dir)
+    if path is None:
+        return None
+    state = checkpoint.load(path, run.policy.model, run.policy.optimizer, layout=layout(run.cfg))
+    check_resumed_state(state, path, run.dataset, run.start_id)
+    run.policy.scheduler.load_state_dict(state["scheduler"])
+    run.iteration, run.consumed = state["iteration"], state["consumed_samples"]
+    return path
+
+
+def state_to_save(run: Run) -> dict:
+    """The checkpoint's common `state` entry: what resuming, scoring and conversion read back."""
+    return {"config": to_dict(run.cfg), "vocab_size": run.vocab, "scheduler": run.policy.scheduler.state_dict(),
+            "consumed_samples": run.consumed, "dataset_fingerprint": run.dataset.fingerprint,
+            "start_checkpoint_id": run.start_id, "layout": layout(run.cfg), "hf": run.hf_origin}
+
+
+def save_if_due(run: Run) -> None:
+    """Save at every checkpoint.interval and at the iteration this invocation stops at."""
+    interval = run.cfg.checkpoint.interval
+    if (interval and run.iteration % interval == 0) or run.iteration == run.stop_at:
+        path = checkpoint.save(run.save_dir, run.iteration, run.policy.model, run.policy.optimizer,
+                               state_to_save(run), run.cfg.checkpoint.keep)
+        if run.log is not None:
+            run.log.print(f"saved checkpoint {path}")
+
+
+# ---- logging ----------------------------------------------------------------------------------------------------
+
+def open_log(run: Run, resumed_from: str | None) -> MetricsLog:
+    cfg = run.cfg
+    log = MetricsLog(cfg.output_dir, run.total_steps, cfg.logging.interval, cfg.logging.tensorboard,
+                     cfg.logging.progress_bar, resume=resumed_from is not None)
+    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    if resumed_from is not None:
+        log.print(f"resumed from {checkpoint.resolve(resumed_from)} at iteration {run.iteration}")
+    return log
+
+
 def step_record(iteration, consumed, lr, metrics, grad_norm, tokens, seconds, device) -> dict:
     record = {"iteration": iteration, "consumed_samples": consumed, "lr": lr}
     record.update({k: float(v) for k, v in metrics.items()})
@@ -152,91 +245,53 @@ def step_record(iteration, consumed, lr, metrics, grad_norm, tokens, seconds, de
     return record
 
 
-def train(cfg: TrainConfig, source: str) -> dict:
-    """Run the job this process belongs to; returns the last step's metrics on the logging rank."""
+# ---- the loop ---------------------------------------------------------------------------------------------------
+
+def train_step(run: Run, micro_batches) -> dict:
+    """One optimizer step on this rank's micro-batches; returns the step's record on the logging rank, else {}."""
     from megatron.core import parallel_state
 
-    device = setup_device(cfg.device)
-    validate(cfg, source, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    check_for_device(cfg, source, device.type)
-    dataset = SFTDataset(cfg.data.prefix)
-    vocab = cfg.model.vocab_size or dataset.meta["tokenizer"]["vocab_size"]
-    if dataset.meta["tokenizer"]["vocab_size"] > vocab:
-        raise ConfigError(f"{source}: model.vocab_size: {vocab} is smaller than the tokenizer's "
-                          f"{dataset.meta['tokenizer']['vocab_size']} tokens (data.prefix {cfg.data.prefix})")
-    pgs = parallel.initialize(device, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.seed)
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    d = cfg.data
-    settings = BatchSettings(d.seq_length, d.micro_batch_size, d.global_batch_size, d.packing, d.seed, d.epochs)
-    total_steps = SFTBatches(dataset, settings, dp_rank, dp_size).num_steps
-    total_steps = min(total_steps, cfg.train_steps or total_steps)
+    step_start = time.perf_counter()
+    d, policy = run.cfg.data, run.policy
+    tokens = int((run.dataset.lengths[run.batches.global_batch(run.iteration)] - 1).sum())
+    micro_batches = [mb.to(run.device) for mb in micro_batches]
+    if run.reference is not None:
+        run.reference.attach(micro_batches)
+    policy.ddp.zero_grad_buffer()
+    policy.optimizer.zero_grad()
+    stats = forward_backward([policy.ddp], micro_batches, run.loss_fn, d.seq_length, d.micro_batch_size)
+    lr = policy.optimizer.param_groups[0]["lr"]  # the rate this step applies
+    _, grad_norm, _ = policy.optimizer.step()
+    policy.scheduler.step(increment=1)
+    run.iteration, run.consumed = run.iteration + 1, run.consumed + d.global_batch_size
+    metrics = {}
+    if parallel_state.is_pipeline_last_stage():
+        metrics = reduce_step_metrics(stats, run.pgs.dp_cp, has_reference=run.reference is not None)
+    if run.log is None:
+        return {}
+    record = step_record(run.iteration, run.consumed, lr, metrics, grad_norm, tokens,
+                         time.perf_counter() - step_start, run.device)
+    run.log.step(record)
+    return record
 
-    policy = build_policy(cfg, vocab, device, total_steps)
-    start_id, hf_origin = None, None
-    if cfg.checkpoint.init is not None:
-        start = checkpoint.load(cfg.checkpoint.init, policy.model)
-        start_id, hf_origin = start["checkpoint_id"], start.get("hf")  # Hugging Face config and tokenizer files
-    reference = build_reference(cfg, policy, vocab, device, pgs, dataset, start_id)
 
-    save_dir = cfg.checkpoint.save or os.path.join(cfg.output_dir, "checkpoints")
-    iteration, consumed = 0, 0
-    resumed_from = resume_path(cfg, save_dir)
-    if resumed_from is not None:
-        state = checkpoint.load(resumed_from, policy.model, policy.optimizer, layout=layout(cfg))
-        check_resumed_state(state, resumed_from, dataset, start_id)
-        policy.scheduler.load_state_dict(state["scheduler"])
-        iteration, consumed = state["iteration"], state["consumed_samples"]
+def finish(run: Run) -> None:
+    if run.log is not None:
+        run.log.print(f"done: metrics in {run.log.path} (TensorBoard: "
+                      f"{os.path.join(run.cfg.output_dir, 'tensorboard')}), checkpoints in {run.save_dir}")
+        run.log.close()
 
-    loss_fn = SFTLossFunction(cfg.loss.name, cfg.loss.beta, vocab_size=vocab, tp_group=pgs.tp, cp_group=pgs.cp)
-    batches = SFTBatches(dataset, settings, dp_rank, dp_size, consumed_samples=consumed)
-    logging_rank = parallel.is_logging_rank()
-    log = None
-    if logging_rank:
-        log = MetricsLog(cfg.output_dir, total_steps, cfg.logging.interval, cfg.logging.tensorboard,
-                         cfg.logging.progress_bar, resume=resumed_from is not None)
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-        if resumed_from is not None:
-            log.print(f"resumed from {checkpoint.resolve(resumed_from)} at iteration {iteration}")
 
-    def state_to_save():
-        return {"config": to_dict(cfg), "vocab_size": vocab, "scheduler": policy.scheduler.state_dict(),
-                "consumed_samples": consumed, "dataset_fingerprint": dataset.fingerprint,
-                "start_checkpoint_id": start_id, "layout": layout(cfg), "hf": hf_origin}
-
+def train(cfg: TrainConfig, source: str) -> dict:
+    """Run the job this process belongs to; returns the last step's metrics on the logging rank."""
+    run = setup(cfg, source)
     record = {}
-    last_stage = parallel_state.is_pipeline_last_stage()
-    stop_at = min(total_steps, cfg.stop_at_step or total_steps)
-    for micro_batches in batches:
-        if iteration >= stop_at:
+    for micro_batches in run.batches:
+        if run.iteration >= run.stop_at:
             break
-        step_start = time.perf_counter()
-        tokens = int((dataset.lengths[batches.global_batch(iteration)] - 1).sum())
-        micro_batches = [mb.to(device) for mb in micro_batches]
-        if reference is not None:
-            reference.attach(micro_batches)
-        policy.ddp.zero_grad_buffer()
-        policy.optimizer.zero_grad()
-        stats = forward_backward([policy.ddp], micro_batches, loss_fn, d.seq_length, d.micro_batch_size)
-        lr = policy.optimizer.param_groups[0]["lr"]  # the rate this step applies
-        _, grad_norm, _ = policy.optimizer.step()
-        policy.scheduler.step(increment=1)
-        iteration, consumed = iteration + 1, consumed + d.global_batch_size
-        metrics = reduce_step_metrics(stats, pgs.dp_cp, has_reference=reference is not None) if last_stage else {}
-        if logging_rank:
-            record = step_record(iteration, consumed, lr, metrics, grad_norm, tokens,
-                                 time.perf_counter() - step_start, device)
-            log.step(record)
-        at_interval = cfg.checkpoint.interval and iteration % cfg.checkpoint.interval == 0
-        if at_interval or iteration == stop_at:
-            path = checkpoint.save(save_dir, iteration, policy.model, policy.optimizer, state_to_save(),
-                                   cfg.checkpoint.keep)
-            if logging_rank:
-                log.print(f"saved checkpoint {path}")
-    if logging_rank:
-        log.print(f"done: metrics in {log.path} (TensorBoard: {os.path.join(cfg.output_dir, 'tensorboard')}), "
-                  f"checkpoints in {save_dir}")
-        log.close()
+        record = train_step(run, micro_batches)
+        save_if_due(run)
+    finish(run)
     return record
 
 
@@ -246,28 +301,6 @@ def parse_args(argv=None):
     parser.add_argument("--config", required=True, help="YAML file (see minorsft_megatron/config.py)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer.lr=1e-5 parallel.tp=2")
     return parser.parse_args(argv)
-
-
-def run_main(job, argv=None, extra_errors: tuple = ()) -> int:
-    """Run `job()` as a command: user errors are one line on stderr (rank 0) and exit status 2."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    try:
-        job()
-    except USER_ERRORS + extra_errors as err:
-        if os.environ["RANK"] == "0":
-            print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            parallel.destroy()
-    return 0
 
 
 def main(argv=None) -> int:

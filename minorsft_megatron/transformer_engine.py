@@ -6,6 +6,7 @@ Nothing else in the package imports transformer_engine; it asks here.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 
 
 def is_available() -> bool:
@@ -57,22 +58,55 @@ def _version_tuple(text: str) -> tuple:
     return tuple(int(part) for part in text.split("+")[0].split(".")[:3] if part.isdigit())
 
 
+@dataclass(frozen=True)
+class RolePrecision:
+    """How one model of a run computes: its dtype and, through Transformer Engine, FP8."""
+
+    dtype: str
+    """bf16, fp16 or fp32: the parameters, and the compute outside FP8 GEMMs."""
+    fp8: str | None = None
+    """FP8 format of the GEMMs (hybrid or e4m3); None: no FP8."""
+    fp8_recipe: str = "delayed"
+    """FP8 scaling recipe (FP8_RECIPES)."""
+    fp8_param: bool = False
+    """Keep the weights themselves in FP8 (Transformer Engine FP8 parameters)."""
+
+
+def role_precision(cfg, role: str, precision: str | None = None) -> RolePrecision:
+    """The precision of the model playing `role` in a run configured by `cfg` (config.TrainConfig).
+
+    policy: precision.dtype, with precision.fp8. reference: reference.precision, where "fp8" means bf16 weights
+    with FP8 compute in the policy's format (e4m3 when the policy has none), and reference.fp8_weights. score: as
+    the reference, at `precision` (default reference.precision), never with FP8 weights.
+    """
+    if role == "policy":
+        return RolePrecision(cfg.precision.dtype, cfg.precision.fp8, cfg.precision.fp8_recipe)
+    if role not in ("reference", "score"):
+        raise ValueError(f"role must be policy, reference or score, got {role!r}")
+    precision = precision or cfg.reference.precision
+    fp8_param = role == "reference" and cfg.reference.fp8_weights
+    fp8 = (cfg.precision.fp8 or "e4m3") if precision == "fp8" or fp8_param else None
+    return RolePrecision("bf16" if precision == "fp8" else precision, fp8, cfg.precision.fp8_recipe, fp8_param)
+
+
 def check_fp8(fp8: str | None, device_type: str, recipe: str = "delayed", capability=None,
-              te_version: str | None = None) -> None:
+              te_version: str | None = None, what: str | None = None) -> None:
     """Refuse an FP8 format/recipe that cannot run here: no CUDA device, no Transformer Engine, a GPU too old for
-    the recipe, or a Transformer Engine too old for it. `capability` and `te_version` default to this machine's."""
+    the recipe, or a Transformer Engine too old for it. `capability` and `te_version` default to this machine's;
+    `what` names the request in the message (default: precision.fp8 and its value)."""
     if fp8 is None:
         return
+    what = what or f"precision.fp8: {fp8!r}"
     if fp8 not in FP8_FORMATS:
         raise FP8Error(f"precision.fp8: {fp8!r} is not one of {', '.join(FP8_FORMATS)} (or null)")
     if recipe not in FP8_RECIPES:
         raise FP8Error(f"precision.fp8_recipe: {recipe!r} is not one of {', '.join(FP8_RECIPES)}")
     if device_type != "cuda":
-        raise FP8Error(f"precision.fp8: {fp8!r} needs an NVIDIA GPU (compute capability >= 8.9) with Transformer "
+        raise FP8Error(f"{what} needs an NVIDIA GPU (compute capability >= 8.9) with Transformer "
                        f"Engine; this run is on {device_type}")
     if te_version is None:
         if not is_available():
-            raise FP8Error(f"precision.fp8: {fp8!r} needs Transformer Engine, which cannot be imported here: install "
+            raise FP8Error(f"{what} needs Transformer Engine, which cannot be imported here: install "
                            "the extra (`pip install .[te]`)")
         te_version = installed_version() or "0"
     if capability is None:

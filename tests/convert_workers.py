@@ -57,7 +57,8 @@ def megatron_token_log_probs(ckpt: str, layouts, tokens: torch.Tensor, save_tp2_
     from minorsft_megatron.config import ParallelConfig, TrainConfig, from_dict
     from minorsft_megatron.device import setup_device
     from minorsft_megatron.logprobs import vocab_parallel_log_probs
-    from minorsft_megatron.train import build_model
+    from minorsft_megatron.model import build_model
+    from minorsft_megatron.transformer_engine import RolePrecision
 
     device = setup_device("cpu")
     state = checkpoint.read_state(ckpt)
@@ -68,7 +69,7 @@ def megatron_token_log_probs(ckpt: str, layouts, tokens: torch.Tensor, save_tp2_
         pgs = parallel.initialize(device, tp=tp, pp=pp)
         cfg = from_dict(TrainConfig, state["config"], ckpt)
         cfg.parallel = ParallelConfig(tp=tp, pp=pp)
-        model, _ = build_model(cfg, "fp32", state["vocab_size"], device, initialize=False)
+        model, _ = build_model(cfg, RolePrecision("fp32"), state["vocab_size"], device, initialize=False)
         checkpoint.load(ckpt, model)
         model.eval()
 

@@ -16,12 +16,12 @@ from megatron.core.transformer import TransformerConfig
 
 from minorsft_megatron import parallel
 from minorsft_megatron.device import setup_device
+from minorsft_megatron.data.batch import SFTBatch, packed_causal_mask
 from minorsft_megatron.forward_step import (
-    SFTBatch,
+    LogProbCollector,
     SFTLossFunction,
-    collect_logp_sums,
     forward_backward,
-    packed_causal_mask,
+    forward_log_probs,
     reduce_step_metrics,
 )
 from minorsft_megatron.model import build_gpt_model, padded_vocab_size
@@ -51,6 +51,11 @@ def global_batch(seed: int = 0) -> dict:
         "position_ids": torch.arange(SEQ).repeat(GLOBAL_BATCH, 1),
         "ref_logp_sum": ref_logp_sum,
     }
+
+
+def collect_logp_sums(stats: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample logp_sum and num_answer_tokens of a training pass's per-micro-batch statistics, in order."""
+    return torch.cat([d["logp_sum"] for d in stats]), torch.cat([d["num_answer_tokens"] for d in stats])
 
 
 def micro_batches(batch: dict, dp_rank: int, dp_size: int, micro_batch_size: int, device) -> list[SFTBatch]:
@@ -173,11 +178,9 @@ def one_step(tp, pp, dp, sp, micro_batch_size, loss_name, device_name, ref_from_
     last = parallel_state.is_pipeline_last_stage()
     if ref_from_policy:  # the reference is a second model with the same weights, run forward-only
         _, ref_model, _ = build(tp, pp, sp, device)
-        ref_out = forward_backward(
-            [ref_model], batches, SFTLossFunction("sft", 0.04, **vocab_args), SEQ, micro_batch_size, True
-        )
+        ref_out = forward_log_probs([ref_model], batches, LogProbCollector(**vocab_args), SEQ, micro_batch_size)
         ref_sums = _broadcast_from_last_stage(
-            collect_logp_sums(ref_out)[0] if last else None, len(batches) * micro_batch_size, device, pgs.pp
+            ref_out.logp_sum if last else None, len(batches) * micro_batch_size, device, pgs.pp
         )
         for i, mb in enumerate(batches):
             mb.ref_logp_sum = ref_sums[i * micro_batch_size : (i + 1) * micro_batch_size]

@@ -6,7 +6,8 @@ import torch
 
 from minorsft_megatron import parallel
 from minorsft_megatron.device import setup_device
-from minorsft_megatron.forward_step import SFTBatch, SFTLossFunction
+from minorsft_megatron.data.batch import SFTBatch
+from minorsft_megatron.forward_step import SFTLossFunction
 from minorsft_megatron.logprobs import context_parallel_sum, sequence_sums, vocab_parallel_log_probs
 
 

@@ -19,7 +19,8 @@ def te_against_local(hf_dir, megatron_dir):
     from minorsft_megatron import checkpoint, parallel
     from minorsft_megatron.config import TrainConfig, from_dict
     from minorsft_megatron.device import setup_device
-    from minorsft_megatron.train import build_model
+    from minorsft_megatron.model import build_model
+    from minorsft_megatron.transformer_engine import RolePrecision
 
     device = setup_device("cuda")
     parallel.initialize(device)
@@ -29,7 +30,7 @@ def te_against_local(hf_dir, megatron_dir):
     for spec in ("local", "te"):
         cfg = from_dict(TrainConfig, state["config"], megatron_dir)
         cfg.model.spec = spec
-        model, _ = build_model(cfg, "bf16", state["vocab_size"], device, initialize=False)
+        model, _ = build_model(cfg, RolePrecision("bf16"), state["vocab_size"], device, initialize=False)
         checkpoint.load(megatron_dir, model)
         with torch.no_grad():
             logits = model.eval()(tokens[:, :-1], torch.arange(64, device=device).repeat(2, 1), attention_mask=None)

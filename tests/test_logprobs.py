@@ -130,7 +130,8 @@ def test_sums_shape_mismatch():
 @pytest.mark.parametrize("loss", ["minor_sft", "sft"])
 def test_context_parallel_sums_and_gradients(tmp_path, device, loss):
     """Sequences split over CP = 2 ranks: the same sums, denominator and logits gradient as unsplit."""
-    from minorsft_megatron.forward_step import SFTBatch, SFTLossFunction
+    from minorsft_megatron.data.batch import SFTBatch
+    from minorsft_megatron.forward_step import SFTLossFunction
 
     gen = torch.Generator().manual_seed(3)
     b, s, v = 3, 8, 11

@@ -93,7 +93,8 @@ def test_every_sample_once_per_epoch_over_ranks_and_steps(dataset, packing):
 
 def test_data_parallel_shards_are_disjoint_and_cover_the_global_batch(dataset):
     settings = BatchSettings(SEQ, micro_batch_size=2, global_batch_size=24, seed=3)
-    shards = [SFTBatches(dataset, settings, dp_rank=r, dp_size=4).rank_samples(5, r) for r in range(4)]
+    shards = [torch.cat([mb.sample_index for mb in SFTBatches(dataset, settings, dp_rank=r, dp_size=4).micro_batches(5)])
+              for r in range(4)]
     together = np.concatenate(shards)
     assert len(set(together.tolist())) == 24
     assert together.tolist() == SFTBatches(dataset, settings).global_batch(5).tolist()
@@ -141,7 +142,7 @@ def test_refusals(dataset, tmp_path):
 @pytest.mark.parametrize("packing", [False, True])
 def test_merged_micro_batches_give_the_same_per_sample_sums(dataset, packing):
     """merge_micro_batches (the co-located reference's larger forward) keeps every sample's sum and order."""
-    from minorsft_megatron.forward_step import merge_micro_batches
+    from minorsft_megatron.data.batch import merge_micro_batches
     from minorsft_megatron.logprobs import sequence_sums
 
     batches = SFTBatches(dataset, BatchSettings(SEQ, 2, 24, packing=packing, seed=5)).micro_batches(1)

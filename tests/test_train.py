@@ -11,7 +11,8 @@ import yaml
 
 from minorsft_megatron.config import ConfigError, load_config
 from minorsft_megatron.data.preprocess import PreprocessSettings, preprocess
-from minorsft_megatron.reference import CachedReference, ReferenceCacheError, write_cache
+from minorsft_megatron.reference import CachedReference
+from minorsft_megatron.reference_cache import ReferenceCacheError, write_cache
 from tests.distributed import spawn
 from tests.tokenizers_for_tests import DATA, REPO, SENTENCEPIECE_MODEL
 from tests.train_workers import run_commands

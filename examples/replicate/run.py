@@ -184,7 +184,7 @@ def exact_match(path: str) -> float:
 
 def logp_summary(path: str, reference: str | None) -> dict:
     """Task A retention: NLL per answer token, and (against the base) m_theta = mean over samples of D/m."""
-    from minorsft_megatron.reference import read_cache
+    from minorsft_megatron.reference_cache import read_cache
 
     _, logp_sum, counts = read_cache(path)
     result = {"nll_a_test": float(-logp_sum.sum() / counts.sum())}

@@ -88,7 +88,7 @@ def train_tokenizer(texts: list[str], path: str) -> None:
 
 def write_splits(splits: dict[str, list[dict]], out_dir: str) -> dict[str, str]:
     """Each split as out_dir/NAME.jsonl, written atomically; returns {name: path}."""
-    from minorsft_megatron.reference import write_jsonl
+    from minorsft_megatron.reference_cache import write_jsonl
 
     paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in splits}
     for name, rows in splits.items():

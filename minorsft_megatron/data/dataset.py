@@ -1,7 +1,7 @@
 """Training batches from a preprocessed SFT dataset: padded or packed rows, shuffled by seed, sharded over DP.
 
-A sample of n tokens fills n - 1 positions of a row: tokens ids[:-1], labels ids[1:] (the label at position t
-is token t + 1 of the same sample) and loss mask answer_mask[1:]. Rows hold `seq_length` positions.
+This module decides which samples go where; data/batch.py turns them into micro-batch tensors. Rows hold
+`seq_length` positions (a sample of n tokens fills n - 1 of them).
 
 The sample stream is epoch 0's permutation of all samples, then epoch 1's, ... (each drawn from `seed` and
 the epoch number). Step k's global batch is stream positions [k*G, (k+1)*G); data-parallel rank r takes the
@@ -19,9 +19,8 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from minorsft_megatron.forward_step import SFTBatch, packed_causal_mask
+from minorsft_megatron.data.batch import SFTBatch, packed_micro_batch, padded_micro_batch
 
 
 class DataError(ValueError):
@@ -127,10 +126,9 @@ class SFTBatches:
     """Iterates over optimizer steps; each step is this DP rank's list of `SFTBatch` micro-batches (on CPU)."""
 
     def __init__(self, dataset: SFTDataset, settings: BatchSettings, dp_rank: int = 0, dp_size: int = 1,
-                 consumed_samples: int = 0, packed_attention_mask: bool = True):
+                 consumed_samples: int = 0):
         self.dataset, self.settings = dataset, settings
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.packed_attention_mask = packed_attention_mask
         self._orders: dict[int, np.ndarray] = {}
         check_batch_settings(dataset, settings, dp_size)
         if consumed_samples % settings.global_batch_size:
@@ -158,21 +156,20 @@ class SFTBatches:
         batch = self.global_batch(step)
         return [batch[rank * per_rank : (rank + 1) * per_rank] for rank in range(self.dp_size)]
 
-    def rank_samples(self, step: int, rank: int) -> np.ndarray:
-        return self._shards(step)[rank]
-
     def micro_batches(self, step: int) -> list[SFTBatch]:
         """This rank's micro-batches for step `step`."""
         shards = self._shards(step)
         mbs = self.settings.micro_batch_size
         if not self.settings.packing:
             samples = shards[self.dp_rank]
-            return [self._padded(samples[i : i + mbs]) for i in range(0, len(samples), mbs)]
+            return [padded_micro_batch(self.dataset, samples[i : i + mbs], self.settings.seq_length)
+                    for i in range(0, len(samples), mbs)]
         rows_per_rank = [self._rows(shard) for shard in shards]  # every rank's packing, to agree on a count
         rows = rows_per_rank[self.dp_rank]
         num_micro = -(-max(len(r) for r in rows_per_rank) // mbs)
         rows += [[]] * (num_micro * mbs - len(rows))  # empty rows so every DP rank runs as many micro-batches
-        return [self._packed(rows[i : i + mbs]) for i in range(0, len(rows), mbs)]
+        return [packed_micro_batch(self.dataset, rows[i : i + mbs], self.settings.seq_length)
+                for i in range(0, len(rows), mbs)]
 
     def _rows(self, samples: np.ndarray) -> list[list[int]]:
         positions = self.dataset.lengths[samples] - 1
@@ -184,49 +181,6 @@ class SFTBatches:
     def __iter__(self):
         for step in range(self.start_step, self.num_steps):
             yield self.micro_batches(step)
-
-    def _padded(self, samples: np.ndarray) -> SFTBatch:
-        return padded_micro_batch(self.dataset, samples, self.settings.seq_length)
-
-    def _packed(self, rows: list[list[int]]) -> SFTBatch:
-        """Packed rows with `cu_seqlens` `[n + 1]`; empty padding rows come last, past cu_seqlens[-1]."""
-        b, s = len(rows), self.settings.seq_length
-        tokens, labels, loss_mask, position_ids, ends = fill_rows(self.dataset, rows, s)
-        cu_seqlens = torch.tensor([0] + ends, dtype=torch.int64)
-        mask = packed_causal_mask(cu_seqlens, b, s) if self.packed_attention_mask else None
-        index = torch.tensor([i for row in rows for i in row], dtype=torch.long)
-        return SFTBatch(tokens, labels, loss_mask, position_ids, attention_mask=mask, cu_seqlens=cu_seqlens,
-                        sample_index=index)
-
-
-def fill_rows(dataset: SFTDataset, rows: list[list[int]], seq_length: int):
-    """Row tensors for `rows` of dataset indices, samples laid end to end, and each sample's end over the
-    flattened [b * s] positions (a row's last sample ends at the row's end: its tail is padding)."""
-    b, s = len(rows), seq_length
-    tokens, labels = torch.zeros(b, s, dtype=torch.long), torch.zeros(b, s, dtype=torch.long)
-    loss_mask, position_ids = torch.zeros(b, s), torch.arange(s).repeat(b, 1)
-    ends = []
-    for r, row in enumerate(rows):
-        at = 0
-        for index in row:
-            ids = torch.from_numpy(dataset.tokens(index))  # [n + 1]
-            answer = torch.from_numpy(dataset.answer_mask(index).astype(np.float32))  # [n + 1]
-            n = len(ids) - 1
-            tokens[r, at : at + n], labels[r, at : at + n] = ids[:-1], ids[1:]
-            loss_mask[r, at : at + n] = answer[1:]
-            position_ids[r, at : at + n] = torch.arange(n)
-            at += n
-            ends.append(r * s + at)
-        if row:  # the row's tail belongs to its last sample: positions run on
-            position_ids[r, at:] = torch.arange(n, n + s - at)
-            ends[-1] = (r + 1) * s
-    return tokens, labels, loss_mask, position_ids, ends
-
-
-def padded_micro_batch(dataset: SFTDataset, samples, seq_length: int) -> SFTBatch:
-    """One sample per row, in the order given."""
-    tokens, labels, loss_mask, position_ids, _ = fill_rows(dataset, [[int(i)] for i in samples], seq_length)
-    return SFTBatch(tokens, labels, loss_mask, position_ids, sample_index=torch.as_tensor(np.asarray(samples)))
 
 
 def check_batch_settings(dataset: SFTDataset, s: BatchSettings, dp_size: int) -> None:
