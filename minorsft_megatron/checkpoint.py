@@ -2,7 +2,8 @@
 
 Layout of a save directory (Megatron's):
   SAVE/iter_0000020/            a dist checkpoint: model, optimizer, and a common `state` entry holding the model
-                                config, scheduler, iteration, consumed samples and identities; rng/ per-rank RNG
+                                config, scheduler, iteration, consumed samples, identities and the distributed
+                                optimizer's sharding type (`optimizer_sharding`); rng/ per-rank RNG
   SAVE/latest_checkpointed_iteration.txt
 A checkpoint is written to `iter_XXXXXXX.tmp`, renamed when every rank has finished, and only then named in
 the tracker file (itself replaced by rename). A process killed while saving leaves the previous checkpoint
@@ -60,11 +61,14 @@ def read_state(path: str) -> dict:
     return common["state"]
 
 
-def _model_and_optimizer(model, optimizer, loading: bool) -> dict:
+def _model_and_optimizer(model, optimizer, loading: bool, optimizer_sharding: str | None) -> dict:
+    """The sharded state dicts to save or load. `optimizer_sharding`: the distributed optimizer's
+    distrib_optim_sharding_type (None for the other optimizers)."""
     model_sd = model.sharded_state_dict()
     entries = {"model": model_sd}
     if optimizer is not None:
-        entries["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading)
+        metadata = None if optimizer_sharding is None else {"distrib_optim_sharding_type": optimizer_sharding}
+        entries["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=metadata)
     return entries
 
 
@@ -95,8 +99,10 @@ def new_checkpoint_id() -> str:
     return ident[0]
 
 
-def save(save_dir: str, iteration: int, model, optimizer, state: dict, keep: int | None = None) -> str:
-    """Save on every rank (collective); returns the checkpoint directory. `state` must be the same on all ranks."""
+def save(save_dir: str, iteration: int, model, optimizer, state: dict, keep: int | None = None,
+         optimizer_sharding: str | None = None) -> str:
+    """Save on every rank (collective); returns the checkpoint directory. `state` must be the same on all ranks;
+    `optimizer_sharding` is the distributed optimizer's sharding type (recorded in the state), None otherwise."""
     from megatron.core import dist_checkpointing
 
     final = iteration_dir(save_dir, iteration)
@@ -106,8 +112,9 @@ def save(save_dir: str, iteration: int, model, optimizer, state: dict, keep: int
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    entries = _model_and_optimizer(model, optimizer, loading=False)
-    entries["state"] = dict(state, checkpoint_id=new_checkpoint_id(), iteration=iteration)
+    entries = _model_and_optimizer(model, optimizer, loading=False, optimizer_sharding=optimizer_sharding)
+    entries["state"] = dict(state, checkpoint_id=new_checkpoint_id(), iteration=iteration,
+                            optimizer_sharding=optimizer_sharding)
     dist_checkpointing.save(entries, tmp)
     os.makedirs(os.path.dirname(_rank_file(tmp)), exist_ok=True)
     torch.save(rng_state(), _rank_file(tmp))
@@ -145,12 +152,13 @@ def load(path: str, model, optimizer=None, layout: dict | None = None) -> dict:
     from megatron.core import dist_checkpointing
 
     directory = resolve(path)
-    entries = _model_and_optimizer(model, optimizer, loading=True)
+    state = read_state(directory)
+    entries = _model_and_optimizer(model, optimizer, loading=True,
+                                   optimizer_sharding=state.get("optimizer_sharding"))
     loaded = dist_checkpointing.load(entries, directory)
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-    state = read_state(directory)
     rank_file = _rank_file(directory)
     if layout is not None and state.get("layout") == layout and os.path.isfile(rank_file):
         set_rng_state(torch.load(rank_file, weights_only=False))

@@ -19,6 +19,7 @@ import yaml
 from minorsft_megatron.loss import LOSSES
 
 DTYPES = ("bf16", "fp16", "fp32")
+OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,11 @@ class PrecisionConfig:
     """FP8 compute through Transformer Engine: null, hybrid (e4m3 forward, e5m2 gradients) or e4m3 (GPU)."""
     fp8_recipe: str = "delayed"
     """Scaling recipe: delayed, tensorwise, blockwise or mxfp8 (each needs a recent enough GPU and TE)."""
+    initial_loss_scale: float = 65536.0
+    """fp16 only: the dynamic loss scale to start from (halved after every 2 consecutive overflowing steps, which
+    are skipped; doubled after loss_scale_window clean steps)."""
+    loss_scale_window: int = 1000
+    """fp16 only: clean steps before the loss scale grows."""
 
 
 @dataclass
@@ -154,6 +160,11 @@ class CheckpointConfig:
     """Save every N steps (0: only at the end)."""
     keep: int | None = None
     """Keep the newest N checkpoints (None: all)."""
+    optimizer_sharding: str = "dp_reshardable"
+    """How the distributed optimizer's state is saved (megatron-core's distrib_optim_sharding_type, recorded in
+    the checkpoint): dp_reshardable (each rank writes its shard; resumes under another data-parallel size at the
+    same TP/PP/CP) or fully_reshardable (gathered into model space; resumes under any layout, at the cost of a
+    gather on data-parallel rank 0 at every save)."""
 
 
 @dataclass
@@ -341,6 +352,8 @@ def _validate_precision_and_loss(c: TrainConfig, source: str) -> None:
     _choice(c.precision.dtype, DTYPES, source, "precision.dtype")
     _choice(c.precision.fp8, (None,) + FP8_FORMATS, source, "precision.fp8")
     _choice(c.precision.fp8_recipe, FP8_RECIPES, source, "precision.fp8_recipe")
+    _require(c.precision.initial_loss_scale >= 1, source, "precision.initial_loss_scale", "must be at least 1")
+    _require(c.precision.loss_scale_window >= 1, source, "precision.loss_scale_window", "must be at least 1")
     _choice(c.loss.name, tuple(LOSSES), source, "loss.name")
     _require(c.loss.beta > 0, source, "loss.beta", "must be positive")
 
@@ -387,6 +400,7 @@ def _validate_checkpoint_and_run(c: TrainConfig, source: str) -> None:
     ck = c.checkpoint
     _require(ck.interval >= 0, source, "checkpoint.interval", "must be >= 0")
     _require(ck.keep is None or ck.keep >= 1, source, "checkpoint.keep", "must be at least 1")
+    _choice(ck.optimizer_sharding, OPTIMIZER_SHARDINGS, source, "checkpoint.optimizer_sharding")
     if ck.init is not None:
         _require(os.path.isdir(ck.init), source, "checkpoint.init", f"{ck.init}: no such directory")
     _require(c.logging.interval >= 1, source, "logging.interval", "must be at least 1")
@@ -415,7 +429,7 @@ def validate(c: TrainConfig, source: str = "config", world_size: int | None = No
 
 def check_for_device(c: TrainConfig, source: str, device_type: str) -> None:
     """What this device cannot do: FP8 without a suitable GPU and Transformer Engine (policy or reference), and
-    on a CPU megatron-core's distributed and mixed-precision optimizers and the TE spec."""
+    the Transformer Engine layer spec without a GPU."""
     from minorsft_megatron import transformer_engine
 
     roles = [("policy", None)] + ([("reference", "reference FP8")] if c.reference.mode == "colocated" else [])
@@ -425,14 +439,8 @@ def check_for_device(c: TrainConfig, source: str, device_type: str) -> None:
             transformer_engine.check_fp8(p.fp8, device_type, p.fp8_recipe, what=what)
         except transformer_engine.FP8Error as err:
             raise ConfigError(f"{source}: {err}")
-    if device_type == "cuda":
-        return
-    _require(not c.optimizer.distributed, source, "optimizer.distributed",
-             "megatron-core's distributed optimizer needs CUDA")
-    _require(c.precision.dtype == "fp32", source, "precision.dtype",
-             f"{c.precision.dtype} training needs CUDA (megatron-core's mixed-precision optimizer takes CUDA "
-             "tensors only); use fp32 on a CPU")
-    _require(c.model.spec != "te", source, "model.spec", "te (Transformer Engine) needs a GPU; use local or auto")
+    if device_type != "cuda":
+        _require(c.model.spec != "te", source, "model.spec", "te (Transformer Engine) needs a GPU; use local or auto")
 
 
 def main(argv=None) -> int:

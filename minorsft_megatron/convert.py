@@ -268,12 +268,13 @@ def meta_sharded_state_dict(train_cfg, vocab_size: int) -> dict:
     shapes and layer offsets of a checkpoint, with no memory behind them."""
     from dataclasses import replace
 
+    from minorsft_megatron.config import ParallelConfig
     from minorsft_megatron.model import checkpoint_vocab_size, gpt_from_config, transformer_config
     from minorsft_megatron.transformer_engine import RolePrecision
 
     model_cfg = replace(train_cfg.model, spec="local")  # the same checkpoint keys as the TE spec, no TE needed
-    config = transformer_config(model_cfg, train_cfg.parallel, RolePrecision(train_cfg.precision.dtype),
-                                initialize=False)
+    # The whole model, whatever layout trained it (a PP = 2 layout would build only the first stage's layers).
+    config = transformer_config(model_cfg, ParallelConfig(), RolePrecision(train_cfg.precision.dtype), "meta")
     with torch.device("meta"):
         model = gpt_from_config(model_cfg, config, checkpoint_vocab_size(vocab_size), True, True)
     return model.sharded_state_dict()

@@ -6,7 +6,8 @@ CPU is asked for, `setup_device("cpu")` redirects exactly these, once per proces
 * device placement: ``torch.cuda.current_device()`` answers the CPU device, and in the modules that
   write ``device="cuda"`` literally (``_MODULES_WITH_LITERAL_CUDA``) tensor factories read "cuda" as the
   CPU; ``Tensor.cuda()`` returns the tensor;
-* the model-parallel RNG tracker: its CUDA generator states are backed by the CPU generator;
+* the model-parallel RNG tracker: its CUDA generator states are backed by the CPU generator (and its warning
+  that the CPU generator moved inside a fork is silenced: that is the generator it forks);
 * CUDA synchronisation: ``torch.cuda.synchronize()`` is a no-op.
 
 Everything else stays real megatron-core; no other module of this package mentions the CPU case.
@@ -14,8 +15,10 @@ Everything else stays real megatron-core; no other module of this package mentio
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import logging
 import os
 import types
 
@@ -39,6 +42,15 @@ _MODULES_WITH_LITERAL_CUDA = (
     "megatron.core.dist_checkpointing.exchange_utils",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
 )
+# megatron-core functions that accept a tensor only if its type name is a CUDA one ('torch.cuda.BFloat16Tensor'):
+# (module, class or None, function). On the CPU they run seeing CUDA names for CPU tensors.
+_CHECK_CUDA_TYPE_NAMES = (
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "__init__"),
+    ("megatron.core.optimizer.clip_grads", None, "clip_grad_by_total_norm_fp32"),
+)
+# Modules that imported one of those functions by name, and must see the wrapped one.
+_IMPORTED_BY_NAME = {"clip_grad_by_total_norm_fp32": ("megatron.core.optimizer.optimizer",)}
 _FACTORIES = (
     "empty", "zeros", "ones", "full", "tensor", "arange", "randn", "rand", "as_tensor",
     "empty_like", "zeros_like", "ones_like", "full_like",
@@ -61,6 +73,9 @@ def resolve_device(requested: str | None = None) -> torch.device:
 
 def setup_device(requested: str | None = None) -> torch.device:
     """Resolve the device and prepare megatron-core for it; call before building any model."""
+    from minorsft_megatron import compat
+
+    compat.apply()
     device = resolve_device(requested)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -117,6 +132,46 @@ def _seed_cpu_generator(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _type_named_as_on_cuda(self, dtype=None, non_blocking=False, **kwargs):
+    """Tensor.type(): with no argument, a CPU tensor answers the name it would have on CUDA."""
+    if dtype is None and not kwargs and self.device.type == "cpu":
+        return _TENSOR_TYPE(self).replace("torch.", "torch.cuda.", 1)
+    return _TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    outermost = torch.Tensor.type is _TENSOR_TYPE
+    torch.Tensor.type = _type_named_as_on_cuda
+    try:
+        yield
+    finally:
+        if outermost:
+            torch.Tensor.type = _TENSOR_TYPE
+
+
+def _seeing_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _wrap_type_name_checks() -> None:
+    for module_name, class_name, function_name in _CHECK_CUDA_TYPE_NAMES:
+        module = importlib.import_module(module_name)
+        owner = getattr(module, class_name) if class_name else module
+        wrapped = _seeing_cuda_type_names(getattr(owner, function_name))
+        setattr(owner, function_name, wrapped)
+        for importer in _IMPORTED_BY_NAME.get(function_name, ()):
+            setattr(importlib.import_module(importer), function_name, wrapped)
+
+
 def _redirect_megatron_to_cpu() -> None:
     global _redirected
     if _redirected:
@@ -136,22 +191,16 @@ def _redirect_megatron_to_cpu() -> None:
 
     mp_random._get_cuda_rng_state = _cpu_rng_state
     mp_random._set_cuda_rng_state = _set_cpu_rng_state
+    # The tracker's fork() warns when the CPU generator moved inside it: here it is the generator it forks.
+    logging.getLogger(mp_random.__name__).addFilter(
+        lambda record: record.getMessage() != "CPU RNG state changed within GPU RNG context")
     # Literal device="cuda" in these modules.
     torch_on_cpu = _TorchOnCpu()
     for name in _MODULES_WITH_LITERAL_CUDA:
         importlib.import_module(name).torch = torch_on_cpu
-    # Gradient clipping asserts `grad.type() == 'torch.cuda.FloatTensor'` before scaling in place.
-    importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = _clip_on_cpu
+    # The optimizers and gradient clipping accept only tensors whose type name is a CUDA one.
+    _wrap_type_name_checks()
     _redirected = True
-
-
-def _clip_on_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    """megatron-core's `clip_grad_by_total_norm_fp32` for CPU tensors: scale fp32 grads by max_norm / norm."""
-    attr = "decoupled_grad" if use_decoupled_grad else "grad"
-    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
-    clip_coeff = max_norm / (total_norm + 1.0e-6)
-    if clip_coeff < 1.0 and grads:
-        torch._foreach_mul_(grads, clip_coeff)
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -11,7 +11,7 @@ import sys
 
 CONSOLE_KEYS = (
     ("loss", "loss", "{:.4f}"), ("m_theta", "m_theta", "{:+.4f}"), ("weight_mean", "w_mean", "{:.4f}"),
-    ("weight_min", "w_min", "{:.4f}"), ("grad_norm", "grad_norm", "{:.3f}"),
+    ("weight_min", "w_min", "{:.4f}"), ("grad_norm", "grad_norm", "{:.3f}"), ("loss_scale", "loss_scale", "{:.1f}"),
 )
 
 
@@ -66,6 +66,8 @@ def console_line(r: dict, total_steps: int) -> str:
     parts = [f"iteration {r['iteration']:6d}/{total_steps}", f"consumed samples {r['consumed_samples']:8d}",
              f"lr {r['lr']:.3e}"]
     parts += [f"{label} {fmt.format(r[key])}" for key, label, fmt in CONSOLE_KEYS if key in r]
+    if r.get("skipped"):
+        parts.append("skipped (overflow)")
     parts += [f"tokens/s {r['tokens_per_s']:.0f}", f"s/iter {r['seconds_per_iteration']:.3f}",
               f"mem {r['memory_gib']:.2f} GiB"]
     return " | ".join(parts)

@@ -112,10 +112,22 @@ def checkpoint_vocab_size(vocab_size: int) -> int:
     return padded_vocab_size(vocab_size, 1, divisible_by=VOCAB_MULTIPLE)
 
 
+WEIGHTS = {
+    # random weights that must not depend on the layout: drawn in full on the CPU from the seed, then split
+    "random": dict(use_cpu_initialization=True, perform_initialization=True),
+    # weights a checkpoint will replace: built on the device and initialised there (cheap); megatron-core marks
+    # tensor-parallel weights (`tensor_model_parallel`, read by the gradient norm) only when it initialises them
+    "loaded": dict(use_cpu_initialization=False, perform_initialization=True),
+    # no memory at all (under torch.device("meta")): the checkpoint keys and shapes only
+    "meta": dict(use_cpu_initialization=True, perform_initialization=False),
+}
+
+
 def transformer_config(model_cfg, parallel_cfg, precision: transformer_engine.RolePrecision,
-                       initialize: bool = True) -> TransformerConfig:
+                       weights: str = "random") -> TransformerConfig:
     """megatron-core's TransformerConfig for `model_cfg` (config.ModelConfig) at this parallel layout, no dropout,
-    in `precision` (its FP8 settings go to megatron-core's FP8 support: Transformer Engine spec, GPU)."""
+    in `precision` (its FP8 settings go to megatron-core's FP8 support: Transformer Engine spec, GPU), with its
+    weights made as `weights` says (WEIGHTS)."""
     dtype = precision.dtype
     torch_dtype = TORCH_DTYPES[dtype]
     swiglu = model_cfg.activation == "swiglu"
@@ -147,8 +159,7 @@ def transformer_config(model_cfg, parallel_cfg, precision: transformer_engine.Ro
         fp8=precision.fp8,
         fp8_recipe=precision.fp8_recipe,
         fp8_param=precision.fp8_param,
-        use_cpu_initialization=True,  # the full weights are drawn, then split: the same model under any TP
-        perform_initialization=initialize,
+        **WEIGHTS[weights],
         calculate_per_token_loss=True,
     )
 
@@ -178,7 +189,7 @@ def build_model(cfg, precision: transformer_engine.RolePrecision, vocab: int, de
     from megatron.core.transformer.module import Float16Module
 
     model_cfg = replace(cfg.model, spec=transformer_engine.resolve_spec(cfg.model.spec, device.type))
-    config = transformer_config(model_cfg, cfg.parallel, precision, initialize=initialize)
+    config = transformer_config(model_cfg, cfg.parallel, precision, "random" if initialize else "loaded")
     torch.manual_seed(cfg.seed)  # the full weights are drawn on the CPU from this seed, then split over TP
     model = gpt_from_config(model_cfg, config, checkpoint_vocab_size(vocab),
                             parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())

@@ -92,9 +92,11 @@ def build_policy(cfg: TrainConfig, vocab: int, device, total_steps: int) -> Poli
                         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
                         clip_grad=o.clip_grad, bf16=cfg.precision.dtype == "bf16",
                         fp16=cfg.precision.dtype == "fp16", params_dtype=config.params_dtype,
-                        use_distributed_optimizer=o.distributed),
+                        initial_loss_scale=cfg.precision.initial_loss_scale,
+                        loss_scale_window=cfg.precision.loss_scale_window, use_distributed_optimizer=o.distributed),
         [ddp],
     )
+    config.grad_scale_func = optimizer.scale_loss  # the schedule scales each loss before backward (fp16)
     warmup = int(round(o.warmup_ratio * total_steps))
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
@@ -140,6 +142,7 @@ def load_start(cfg: TrainConfig, policy: Policy) -> tuple[str | None, dict | Non
     if cfg.checkpoint.init is None:
         return None, None
     start = checkpoint.load(cfg.checkpoint.init, policy.model)
+    policy.optimizer.reload_model_params()  # mixed precision: the fp32 main parameters were copied at build time
     return start["checkpoint_id"], start.get("hf")  # Hugging Face config and tokenizer files
 
 
@@ -183,6 +186,26 @@ def resume_path(cfg: TrainConfig, save_dir: str) -> str | None:
     return save_dir if checkpoint.has_checkpoint(save_dir) else None
 
 
+def optimizer_sharding(cfg: TrainConfig) -> str | None:
+    """The distributed optimizer's checkpoint sharding type; None for the other optimizers."""
+    return cfg.checkpoint.optimizer_sharding if cfg.optimizer.distributed else None
+
+
+def check_resumed_optimizer(cfg: TrainConfig, state: dict, path: str) -> None:
+    """The optimizer state in `path` must be loadable into this run's optimizer at this layout."""
+    saved = state.get("optimizer_sharding")
+    if (saved is not None) != cfg.optimizer.distributed:
+        raise checkpoint.CheckpointError(
+            f"{path}: was saved with optimizer.distributed {saved is not None}, this run has "
+            f"{cfg.optimizer.distributed}: resume with the optimizer it was saved with")
+    before, now = state.get("layout") or {}, vars(cfg.parallel)
+    if saved == "dp_reshardable" and any(before.get(k) != now[k] for k in ("tp", "pp", "cp")):
+        raise checkpoint.CheckpointError(
+            f"{path}: its distributed-optimizer state (dp_reshardable) was saved at tp={before.get('tp')} "
+            f"pp={before.get('pp')} cp={before.get('cp')} and loads only there (this run: tp={now['tp']} "
+            f"pp={now['pp']} cp={now['cp']}); save with checkpoint.optimizer_sharding: fully_reshardable to change them")
+
+
 def check_resumed_state(state: dict, path: str, dataset, start_id) -> None:
     if state["dataset_fingerprint"] != dataset.fingerprint:
         raise checkpoint.CheckpointError(
@@ -200,6 +223,7 @@ def resume(run: Run) -> str | None:
     path = resume_path(run.cfg, run.save_dir)
     if path is None:
         return None
+    check_resumed_optimizer(run.cfg, checkpoint.read_state(path), path)
     state = checkpoint.load(path, run.policy.model, run.policy.optimizer, layout=layout(run.cfg))
     check_resumed_state(state, path, run.dataset, run.start_id)
     run.policy.scheduler.load_state_dict(state["scheduler"])
@@ -219,7 +243,7 @@ def save_if_due(run: Run) -> None:
     interval = run.cfg.checkpoint.interval
     if (interval and run.iteration % interval == 0) or run.iteration == run.stop_at:
         path = checkpoint.save(run.save_dir, run.iteration, run.policy.model, run.policy.optimizer,
-                               state_to_save(run), run.cfg.checkpoint.keep)
+                               state_to_save(run), run.cfg.checkpoint.keep, optimizer_sharding(run.cfg))
         if run.log is not None:
             run.log.print(f"saved checkpoint {path}")
 
@@ -245,6 +269,7 @@ def step_record(iteration, consumed, lr, metrics, grad_norm, tokens, seconds, de
     return record
 
 
+
 # ---- the loop ---------------------------------------------------------------------------------------------------
 
 def train_step(run: Run, micro_batches) -> dict:
@@ -261,8 +286,11 @@ def train_step(run: Run, micro_batches) -> dict:
     policy.optimizer.zero_grad()
     stats = forward_backward([policy.ddp], micro_batches, run.loss_fn, d.seq_length, d.micro_batch_size)
     lr = policy.optimizer.param_groups[0]["lr"]  # the rate this step applies
-    _, grad_norm, _ = policy.optimizer.step()
-    policy.scheduler.step(increment=1)
+    fp16 = run.cfg.precision.dtype == "fp16"
+    loss_scale = policy.optimizer.get_loss_scale().clone() if fp16 else None  # the scale this backward used
+    updated, grad_norm, _ = policy.optimizer.step()
+    if updated:  # a step the fp16 loss scaler skipped (overflow) does not advance the schedule
+        policy.scheduler.step(increment=1)
     run.iteration, run.consumed = run.iteration + 1, run.consumed + d.global_batch_size
     metrics = {}
     if parallel_state.is_pipeline_last_stage():
@@ -271,6 +299,8 @@ def train_step(run: Run, micro_batches) -> dict:
         return {}
     record = step_record(run.iteration, run.consumed, lr, metrics, grad_norm, tokens,
                          time.perf_counter() - step_start, run.device)
+    if fp16:  # a skipped step: the loss scaler found an overflow and the optimizer left the weights alone
+        record.update(loss_scale=float(loss_scale), skipped=not updated)
     run.log.step(record)
     return record
 

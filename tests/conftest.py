@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from tests.tokenizers_for_tests import DATA, SENTENCEPIECE_MODEL
+
 
 @pytest.fixture(scope="session")
 def device() -> str:
@@ -17,3 +19,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_prefix(tmp_path_factory):
+    """The bundled training records preprocessed with the bundled tokenizer (chatml, 128 positions)."""
+    from minorsft_megatron.data.preprocess import PreprocessSettings, preprocess
+
+    prefix = str(tmp_path_factory.mktemp("data") / "train")
+    preprocess(PreprocessSettings(inputs=[os.path.join(DATA, "sft_train.jsonl")], tokenizer=SENTENCEPIECE_MODEL,
+                                  output_prefix=prefix, chat_template="chatml", seq_length=128),
+               log=lambda *_: None)
+    return prefix

@@ -33,10 +33,10 @@ GLOBAL_BATCH = 8
 HIDDEN, FFN, HEADS, GROUPS, LAYERS = 32, 48, 4, 2, 4
 
 
-def global_batch(seed: int = 0) -> dict:
+def global_batch(seed: int = 0, vocab: int = VOCAB) -> dict:
     """GLOBAL_BATCH rows: a prompt, an answer, then padding; row 5 has no answer token (m = 0)."""
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+    tokens = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=gen)
     loss_mask = torch.zeros(GLOBAL_BATCH, SEQ)
     for row in range(GLOBAL_BATCH):
         prompt = int(torch.randint(2, 7, (), generator=gen))

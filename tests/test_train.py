@@ -7,50 +7,13 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from minorsft_megatron.config import ConfigError, load_config
-from minorsft_megatron.data.preprocess import PreprocessSettings, preprocess
 from minorsft_megatron.reference import CachedReference
 from minorsft_megatron.reference_cache import ReferenceCacheError, write_cache
 from tests.distributed import spawn
-from tests.tokenizers_for_tests import DATA, REPO, SENTENCEPIECE_MODEL
-from tests.train_workers import run_commands
-
-TIMING_KEYS = {"tokens_per_s", "seconds_per_iteration", "memory_gib"}
-
-
-@pytest.fixture(scope="module")
-def data_prefix(tmp_path_factory):
-    prefix = str(tmp_path_factory.mktemp("data") / "train")
-    preprocess(PreprocessSettings(inputs=[os.path.join(DATA, "sft_train.jsonl")], tokenizer=SENTENCEPIECE_MODEL,
-                                  output_prefix=prefix, chat_template="chatml", seq_length=128),
-               log=lambda *_: None)
-    return prefix
-
-
-def tiny_config(tmp_path, data_prefix, **sections) -> str:
-    config = {
-        "seed": 7, "device": "cpu", "output_dir": str(tmp_path / "run"),
-        "model": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
-                  "num_query_groups": 2, "max_position_embeddings": 128},
-        "precision": {"dtype": "fp32"},
-        "optimizer": {"lr": 2e-3, "warmup_ratio": 0.0, "clip_grad": 1.0},
-        "data": {"prefix": data_prefix, "seq_length": 128, "micro_batch_size": 4, "global_batch_size": 8},
-        "reference": {"precision": "fp32"},
-        "logging": {"interval": 100, "tensorboard": False},
-    }
-    for key, value in sections.items():
-        config.setdefault(key, {}).update(value) if isinstance(value, dict) else config.update({key: value})
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
-def metrics(run_dir) -> list[dict]:
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
-
+from tests.tokenizers_for_tests import REPO
+from tests.train_workers import metrics, run_commands, tiny_config
 
 @pytest.mark.parametrize("tp,pp,packing", [(2, 1, False), (1, 2, True)])
 def test_colocated_reference_equals_cache_and_step_zero_weights_are_one(tmp_path, data_prefix, tp, pp, packing):
@@ -194,12 +157,11 @@ def test_launchers(tmp_path, data_prefix):
                      "--master-port": "29500"}
     subprocess.run(["bash", "-n", os.path.join(REPO, "launch", "slurm.sbatch")], check=True)
     bad = subprocess.run(["bash", os.path.join(REPO, "launch", "torchrun.sh"), os.path.join(REPO, "examples",
-                          "tiny_cpu.yaml"), "precision.dtype=fp16", "device=cpu", f"data.prefix={data_prefix}"],
+                          "tiny_cpu.yaml"), "model.spec=te", "device=cpu", f"data.prefix={data_prefix}"],
                          capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [
-        f"error: {REPO}/examples/tiny_cpu.yaml: precision.dtype: fp16 training needs CUDA (megatron-core's "
-        "mixed-precision optimizer takes CUDA tensors only); use fp32 on a CPU"]
+        f"error: {REPO}/examples/tiny_cpu.yaml: model.spec: te (Transformer Engine) needs a GPU; use local or auto"]
 
 
 @pytest.mark.parametrize("override,message", [
@@ -207,12 +169,13 @@ def test_launchers(tmp_path, data_prefix):
     ("reference.precision=fp8", "reference FP8 needs an NVIDIA GPU"),
     ("reference.fp8_weights=true", "reference FP8 needs an NVIDIA GPU"),
     ("model.spec=te", "model.spec: te (Transformer Engine) needs a GPU"),
-    ("optimizer.distributed=true", "optimizer.distributed: megatron-core's distributed optimizer needs CUDA"),
-    ("precision.dtype=bf16", "precision.dtype: bf16 training needs CUDA"),
 ])
 def test_what_a_cpu_cannot_run_is_refused_in_one_line(tmp_path, data_prefix, override, message):
+    """FP8 and the Transformer Engine spec need a GPU; mixed precision and the distributed optimizer do not."""
     from minorsft_megatron.config import check_for_device
 
+    for runs_on_cpu in (["precision.dtype=bf16", "optimizer.distributed=true"], ["precision.dtype=fp16"]):
+        check_for_device(load_config(tiny_config(tmp_path, data_prefix), runs_on_cpu), "c.yaml", "cpu")
     config = load_config(tiny_config(tmp_path, data_prefix), [override])
     with pytest.raises(ConfigError) as err:
         check_for_device(config, "c.yaml", "cpu")
