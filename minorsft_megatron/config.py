@@ -379,6 +379,25 @@ def _validate_data(c: TrainConfig, source: str) -> None:
              "must be a multiple of parallel.tp under sequence parallelism")
     _require(d.seq_length % (2 * p.cp) == 0 or p.cp == 1, source, "data.seq_length",
              "must be a multiple of 2 * parallel.cp")
+    _require(not p.sp or p.cp == 1 or d.seq_length % (2 * p.cp * p.tp) == 0, source, "data.seq_length",
+             f"must be a multiple of 2 * parallel.cp * parallel.tp = {2 * p.cp * p.tp} under sequence and context "
+             "parallelism")
+    _check_fp8_tokens(c, source)
+
+
+def _check_fp8_tokens(c: TrainConfig, source: str) -> None:
+    """FP8 GEMMs need their token count divisible by 16 (32 for mxfp8 and blockwise); packed micro-batches are
+    padded to that, rows must hold it."""
+    from minorsft_megatron.transformer_engine import fp8_token_multiple
+
+    multiple, d, p = fp8_token_multiple(c), c.data, c.parallel
+    if multiple == 1 or d.packing:
+        return
+    split = p.cp * (p.tp if p.sp else 1)
+    tokens = d.micro_batch_size * d.seq_length // split
+    _require(tokens % multiple == 0, source, "data.seq_length",
+             f"FP8 GEMMs ({c.precision.fp8_recipe}) need the tokens of a micro-batch per rank, micro_batch_size * "
+             f"seq_length / {split} = {tokens}, to be a multiple of {multiple}")
 
 
 def _validate_reference(c: TrainConfig, source: str) -> None:
@@ -428,19 +447,22 @@ def validate(c: TrainConfig, source: str = "config", world_size: int | None = No
 
 
 def check_for_device(c: TrainConfig, source: str, device_type: str) -> None:
-    """What this device cannot do: FP8 without a suitable GPU and Transformer Engine (policy or reference), and
-    the Transformer Engine layer spec without a GPU."""
+    """What this device cannot do: FP8 without a suitable GPU and Transformer Engine (policy or reference), the
+    Transformer Engine layer spec without a GPU, context parallelism on the local spec (`auto` resolves to it
+    where TE is absent), packing on a TE too old for THD."""
     from minorsft_megatron import transformer_engine
 
     roles = [("policy", None)] + ([("reference", "reference FP8")] if c.reference.mode == "colocated" else [])
-    for role, what in roles:
-        p = transformer_engine.role_precision(c, role)
-        try:
+    try:
+        for role, what in roles:
+            p = transformer_engine.role_precision(c, role)
             transformer_engine.check_fp8(p.fp8, device_type, p.fp8_recipe, what=what)
-        except transformer_engine.FP8Error as err:
-            raise ConfigError(f"{source}: {err}")
-    if device_type != "cuda":
-        _require(c.model.spec != "te", source, "model.spec", "te (Transformer Engine) needs a GPU; use local or auto")
+        if device_type != "cuda":
+            _require(c.model.spec != "te", source, "model.spec", "te (Transformer Engine) needs a GPU; use local or auto")
+        spec = transformer_engine.resolve_spec(c.model.spec, device_type)
+        transformer_engine.check_context_parallel_and_packing(c.parallel.cp, c.data.packing, spec)
+    except transformer_engine.TransformerEngineError as err:
+        raise ConfigError(f"{source}: {err}")
 
 
 def main(argv=None) -> int:

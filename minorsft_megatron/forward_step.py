@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from minorsft_megatron.data.batch import SFTBatch
+from minorsft_megatron.data.batch import SFTBatch, context_parallel_share
 from minorsft_megatron.logprobs import SequenceLogProbs, all_reduce, concat_log_probs, sequence_log_probs
 from minorsft_megatron.loss import LossSpec, get_loss, loss_and_stats, metrics_from_stats
 
@@ -76,12 +76,26 @@ class LogProbCollector:
         return result._replace(logp_sum=result.logp_sum.detach())
 
 
+def packed_seq_params(batch: SFTBatch):
+    """megatron-core's PackedSeqParams for a THD micro-batch (None for rows)."""
+    if batch.thd is None:
+        return None
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    t = batch.thd
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=t.cu_seqlens, cu_seqlens_kv=t.cu_seqlens,
+                           cu_seqlens_q_padded=t.cu_seqlens_padded, cu_seqlens_kv_padded=t.cu_seqlens_padded,
+                           max_seqlen_q=t.max_seqlen, max_seqlen_kv=t.max_seqlen)
+
+
 def make_forward_step(loss_function):
-    """forward_step_func(data_iterator, model) for get_forward_backward_func(); iterator yields SFTBatch."""
+    """forward_step_func(data_iterator, model) for get_forward_backward_func(); the iterator yields whole
+    SFTBatch micro-batches, and each context-parallel rank feeds the model its own share of the positions."""
 
     def forward_step(data_iterator, model):
-        batch: SFTBatch = next(data_iterator)
-        logits = model(batch.tokens, batch.position_ids, batch.attention_mask)  # [b, s, V/tp] (last stage)
+        batch = context_parallel_share(next(data_iterator), loss_function.cp_group)
+        logits = model(batch.tokens, batch.position_ids, batch.attention_mask,
+                       packed_seq_params=packed_seq_params(batch))  # [b, s/cp, V/tp] (last stage)
         return logits, functools.partial(loss_function, batch)
 
     return forward_step
@@ -98,6 +112,9 @@ def check_schedule_config(config, forward_only: bool = False) -> None:
 def _run_schedule(model: list, batches: list[SFTBatch], step_function, seq_length: int, micro_batch_size: int,
                   forward_only: bool):
     check_schedule_config(model[0].config, forward_only)
+    if batches and batches[0].thd is not None:  # [1, T] rows of varying T: pipeline stages exchange shapes
+        seq_length, micro_batch_size = max(b.tokens.size(1) for b in batches), 1
+        model[0].config.variable_seq_lengths = True
     return get_forward_backward_func()(
         forward_step_func=make_forward_step(step_function),
         data_iterator=iter(batches),

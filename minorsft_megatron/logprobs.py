@@ -14,7 +14,7 @@ from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntrop
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.tensor_parallel.utils import VocabUtility
 
-from minorsft_megatron.data.batch import SFTBatch, sample_ids
+from minorsft_megatron.data.batch import SFTBatch
 
 
 def _rank_and_size(group) -> tuple[int, int]:
@@ -34,7 +34,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
 
     Forward: three all-reduces over `tp_group` (max, predicted logit, sum of exps), each of shape `[...]`.
     Backward: none; each rank returns the gradient of its own vocabulary shard,
-    d logp / d logits = onehot(label) - softmax.
+    d logp / d logits = onehot(label) - softmax, and exactly 0 at positions whose upstream gradient is 0.
     """
 
     @staticmethod
@@ -78,6 +78,8 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         grad_logits = VocabParallelCrossEntropy.calculate_gradients(
             grad_2d, arange_1d, masked_target_1d, softmax_update, grad_input, -grad_logp
         )
+        # A position with no gradient (masked) gives none, even where its softmax is not finite (0 * nan is nan).
+        grad_logits = torch.where((grad_logp != 0).unsqueeze(-1), grad_logits, 0.0)
         return grad_logits.to(ctx.input_dtype), None, None, None
 
 
@@ -113,30 +115,28 @@ def vocab_parallel_log_probs(
     return _VocabParallelLogProbs.apply(vocab_parallel_logits, labels, vocab_size, tp_group)
 
 
-def sequence_sums(
-    token_values: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: torch.Tensor | None = None
-) -> torch.Tensor:
+def sequence_sums(token_values: torch.Tensor, loss_mask: torch.Tensor, sample_id: torch.Tensor,
+                  num_samples: int) -> torch.Tensor:
     """Sum of `token_values` over the answer tokens (`loss_mask` != 0) of each sample.
 
     Args:
-        token_values: `[b, s]` per-token values (log-probs), or `[b, s]` of ones to count tokens.
-        loss_mask: `[b, s]`, 1 where the label at that position is an answer token.
-        cu_seqlens: None for one sample per row; `[n + 1]` sample boundaries over the flattened `[b * s]`
-            tokens for packed rows (several samples per row). Positions past `cu_seqlens[-1]` are padding.
+        token_values: `[b, s]` per-token values (log-probs), or ones to count tokens.
+        loss_mask: `[b, s]`, nonzero where the label at that position is an answer token.
+        sample_id: `[b, s]` the sample of each position, `num_samples` for positions of no sample (see
+            SFTBatch.position_sample_ids).
 
     Returns:
-        `[n]` per-sample sums (`n = b` unpacked), in `token_values`' dtype. No collectives.
+        `[n]` per-sample sums, in `token_values`' dtype. Masked positions are left out by selection, not by
+        multiplication, so a non-finite value there (a padding position's garbage) cannot make a NaN. No
+        collectives.
     """
     if token_values.shape != loss_mask.shape:
-        raise ValueError(
-            f"token values {tuple(token_values.shape)} and loss mask {tuple(loss_mask.shape)} disagree"
-        )
-    masked = token_values * loss_mask.to(token_values.dtype)  # [b, s]
-    if cu_seqlens is None:
-        return masked.sum(dim=-1)  # [b]
-    num_samples = cu_seqlens.numel() - 1
-    ids = sample_ids(cu_seqlens, masked.numel())  # [b * s], n marks padding
-    sums = masked.new_zeros(num_samples + 1).index_add(0, ids, masked.reshape(-1))
+        raise ValueError(f"token values {tuple(token_values.shape)} and loss mask {tuple(loss_mask.shape)} disagree")
+    if sample_id.shape != loss_mask.shape:
+        raise ValueError(f"sample ids {tuple(sample_id.shape)} and loss mask {tuple(loss_mask.shape)} disagree")
+    kept = torch.where(loss_mask != 0, token_values, torch.zeros((), dtype=token_values.dtype,
+                                                                  device=token_values.device))  # [b, s]
+    sums = kept.new_zeros(num_samples + 1).index_add(0, sample_id.reshape(-1), kept.reshape(-1))
     return sums[:num_samples]  # [n]
 
 
@@ -174,10 +174,9 @@ def sequence_log_probs(batch: SFTBatch, logits: torch.Tensor, vocab_size: int, t
         Collectives: 3 all-reduces over `tp_group`, 1 over `cp_group`.
     """
     token_logp = vocab_parallel_log_probs(logits, batch.labels, vocab_size, tp_group)  # [b, s]
-    mask = batch.loss_mask.to(token_logp.dtype)  # [b, s]
-    partial = torch.stack(
-        [sequence_sums(token_logp, mask, batch.cu_seqlens), sequence_sums(mask, mask, batch.cu_seqlens)]
-    )  # [2, n]
+    ids, n = batch.position_sample_ids(), batch.num_samples
+    partial = torch.stack([sequence_sums(token_logp, batch.loss_mask, ids, n),
+                           sequence_sums(torch.ones_like(token_logp), batch.loss_mask, ids, n)])  # [2, n]
     logp_sum, num_tokens = context_parallel_sum(partial, cp_group).unbind()
     kept = token_logp.detach() if keep_token_log_probs else None
     return SequenceLogProbs(logp_sum, num_tokens.round().to(torch.int64), kept)

@@ -1,6 +1,6 @@
 """Per-sample answer log-prob sums of a checkpoint on a dataset: the reference cache, and a deviation meter.
 
-    torchrun --nproc-per-node N -m minorsft_megatron.score --load CKPT [--tp T --pp P]
+    torchrun --nproc-per-node N -m minorsft_megatron.score --load CKPT [--tp T --pp P --cp C]
         (--data PREFIX | --jsonl FILE --tokenizer PATH [--chat-template NAME]) --out FILE.jsonl
         [--precision bf16|fp16|fp32|fp8] [--micro-batch-size B] [--reference BASE.jsonl] [--per-token F.jsonl]
 
@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--load", required=True, help="checkpoint directory, or a save directory (its latest)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1, help="context-parallel size (Transformer Engine spec)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", metavar="PREFIX", help="a dataset written by tools/preprocess_sft_data.py")
     data.add_argument("--jsonl", metavar="FILE", help="SFT records, preprocessed on the fly (needs --tokenizer)")
@@ -58,14 +59,23 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.jsonl and not args.tokenizer:
         p.error("--jsonl needs --tokenizer")
+    if args.per_token and args.cp > 1:
+        p.error("--per-token needs --cp 1 (each context-parallel rank holds only its part of every sample)")
     return args
 
 
-def checkpoint_config(path: str, tp: int, pp: int) -> tuple[TrainConfig, dict]:
+def checkpoint_config(path: str, tp: int, pp: int, cp: int = 1) -> tuple[TrainConfig, dict]:
     state = checkpoint.read_state(path)
     cfg = from_dict(TrainConfig, state["config"], f"{path} (saved config)")
-    cfg.parallel = ParallelConfig(tp=tp, pp=pp)
+    cfg.parallel = ParallelConfig(tp=tp, pp=pp, cp=cp)
     return cfg, state
+
+
+def score_seq_length(dataset: SFTDataset, cp: int, fp8_multiple: int) -> int:
+    """Positions per row: the longest sample, rounded up to SEQ_MULTIPLE, to the 2 * cp chunks context
+    parallelism splits a row into, and so that FP8 GEMMs get a multiple of `fp8_multiple` tokens per rank."""
+    multiple = math.lcm(SEQ_MULTIPLE, 2 * cp if cp > 1 else 1, fp8_multiple * cp)
+    return int(math.ceil((dataset.lengths.max() - 1) / multiple) * multiple)
 
 
 def prepare_dataset(args, workdir: str) -> str:
@@ -114,12 +124,15 @@ class ScoredPart:
 
 def score_rank_share(args, cfg, state, dataset, device, pgs, precision: str):
     """Score this rank's share of `dataset` with the checkpoint; returns (its ScoredPart or None, the loaded
-    checkpoint's state). Only TP rank 0 of the last pipeline stage returns a part."""
+    checkpoint's state). Only TP and CP rank 0 of the last pipeline stage returns a part."""
     from megatron.core import parallel_state
 
-    seq_length = int(math.ceil((dataset.lengths.max() - 1) / SEQ_MULTIPLE) * SEQ_MULTIPLE)
     role = transformer_engine.role_precision(cfg, "score", precision)
     transformer_engine.check_fp8(role.fp8, device.type, role.fp8_recipe)
+    transformer_engine.check_context_parallel_and_packing(
+        args.cp, False, transformer_engine.resolve_spec(cfg.model.spec, device.type))
+    fp8_multiple = transformer_engine.FP8_TOKEN_MULTIPLE[role.fp8_recipe] if role.fp8 else 1
+    seq_length = score_seq_length(dataset, args.cp, fp8_multiple)
     model, _ = build_model(cfg, role, state["vocab_size"], device, initialize=False)
     loaded = checkpoint.load(args.load, model)
     model.eval()
@@ -130,7 +143,8 @@ def score_rank_share(args, cfg, state, dataset, device, pgs, precision: str):
                                  keep_token_log_probs=args.per_token is not None)
     scored = forward_log_probs([model], [b.to(device) for b in batches], collector, seq_length,
                                args.micro_batch_size)
-    if scored is None or parallel_state.get_tensor_model_parallel_rank() != 0:
+    reporter = parallel_state.get_tensor_model_parallel_rank() == 0 == parallel_state.get_context_parallel_rank()
+    if scored is None or not reporter:  # every TP and CP rank holds the same sums: one of them reports
         return None, loaded
     index = torch.cat([b.sample_index for b in batches])
     k = torch.from_numpy(keep)
@@ -141,11 +155,11 @@ def score_rank_share(args, cfg, state, dataset, device, pgs, precision: str):
 
 
 def score(args) -> None:
-    parallel.check_layout(int(os.environ.get("WORLD_SIZE", "1")), args.tp, args.pp)  # before reading anything
-    cfg, state = checkpoint_config(args.load, args.tp, args.pp)
+    parallel.check_layout(int(os.environ.get("WORLD_SIZE", "1")), args.tp, args.pp, args.cp)  # before reading
+    cfg, state = checkpoint_config(args.load, args.tp, args.pp, args.cp)
     precision = args.precision or cfg.reference.precision
     device = setup_device(cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else None)
-    pgs = parallel.initialize(device, tp=args.tp, pp=args.pp, seed=cfg.seed)
+    pgs = parallel.initialize(device, tp=args.tp, pp=args.pp, cp=args.cp, seed=cfg.seed)
     workdir = f"{args.out}.tmp-data"  # --jsonl is preprocessed here by rank 0, removed at the end
     try:
         dataset = SFTDataset(prepare_dataset(args, workdir))
@@ -184,7 +198,8 @@ def write_result(args, parts: list[ScoredPart], dataset, loaded_state, precision
                        "checkpoint_id": loaded_state["checkpoint_id"], "iteration": loaded_state["iteration"]},
         "dataset": {"prefix": os.path.abspath(dataset.prefix) if args.data else args.jsonl,
                     "fingerprint": dataset.fingerprint},
-        "precision": precision, "layout": {"tp": args.tp, "pp": args.pp, "world": dist.get_world_size()},
+        "precision": precision, "layout": {"tp": args.tp, "pp": args.pp, "cp": args.cp,
+                                           "world": dist.get_world_size()},
         "num_samples": len(index),
     }
     write_cache(args.out, index, logp_sum, counts, meta)
@@ -205,7 +220,7 @@ def write_result(args, parts: list[ScoredPart], dataset, loaded_state, precision
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_main(lambda: score(args), extra_errors=(transformer_engine.FP8Error,))
+    return run_main(lambda: score(args), extra_errors=(transformer_engine.TransformerEngineError,))
 
 
 if __name__ == "__main__":

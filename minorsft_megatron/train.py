@@ -13,13 +13,13 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 import yaml
 
-from minorsft_megatron import checkpoint, parallel
+from minorsft_megatron import checkpoint, parallel, transformer_engine
 from minorsft_megatron.cli import run_main
 from minorsft_megatron.config import ConfigError, TrainConfig, check_for_device, load_config, to_dict, validate
 from minorsft_megatron.data.dataset import BatchSettings, SFTBatches, SFTDataset
@@ -28,7 +28,6 @@ from minorsft_megatron.forward_step import LogProbCollector, SFTLossFunction, fo
 from minorsft_megatron.metrics_log import MetricsLog
 from minorsft_megatron.model import build_model, unwrap
 from minorsft_megatron.reference import CachedReference, ColocatedReference
-from minorsft_megatron.transformer_engine import role_precision
 
 
 @dataclass
@@ -79,7 +78,7 @@ def build_policy(cfg: TrainConfig, vocab: int, device, total_steps: int) -> Poli
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    model, config = build_model(cfg, role_precision(cfg, "policy"), vocab, device,
+    model, config = build_model(cfg, transformer_engine.role_precision(cfg, "policy"), vocab, device,
                                 initialize=cfg.checkpoint.init is None)
     config.finalize_model_grads_func = finalize_model_grads
     o = cfg.optimizer
@@ -113,7 +112,7 @@ def build_reference(cfg: TrainConfig, policy: Policy, vocab: int, device, pgs, d
         return None
     if mode == "cache":
         return CachedReference(cfg.reference.cache, dataset.fingerprint, start_id)
-    model, _ = build_model(cfg, role_precision(cfg, "reference"), vocab, device, initialize=False)
+    model, _ = build_model(cfg, transformer_engine.role_precision(cfg, "reference"), vocab, device, initialize=False)
     unwrap(model).load_state_dict(unwrap(policy.model).state_dict())  # cast to the reference's dtype
     collector = LogProbCollector(vocab, tp_group=pgs.tp, cp_group=pgs.cp)
     merge = (cfg.reference.micro_batch_size or cfg.data.micro_batch_size) // cfg.data.micro_batch_size
@@ -132,9 +131,17 @@ def open_dataset(cfg: TrainConfig, source: str) -> tuple[SFTDataset, int]:
     return dataset, vocab
 
 
-def batch_settings(cfg: TrainConfig) -> BatchSettings:
-    d = cfg.data
-    return BatchSettings(d.seq_length, d.micro_batch_size, d.global_batch_size, d.packing, d.seed, d.epochs)
+def batch_settings(cfg: TrainConfig, spec: str) -> BatchSettings:
+    """The data settings; packed samples become THD micro-batches on the Transformer Engine spec `spec`, each
+    sample padded to a multiple of 2 * cp (times tp under sequence parallelism) and each micro-batch to what
+    FP8 GEMMs need."""
+    d, p = cfg.data, cfg.parallel
+    settings = BatchSettings(d.seq_length, d.micro_batch_size, d.global_batch_size, d.packing, d.seed, d.epochs)
+    if not (d.packing and spec == "te"):
+        return settings
+    split = p.cp * (p.tp if p.sp else 1)
+    return replace(settings, thd_sample_multiple=2 * split,
+                   thd_total_multiple=split * max(2, transformer_engine.fp8_token_multiple(cfg)))
 
 
 def load_start(cfg: TrainConfig, policy: Policy) -> tuple[str | None, dict | None]:
@@ -156,7 +163,8 @@ def setup(cfg: TrainConfig, source: str) -> Run:
     dataset, vocab = open_dataset(cfg, source)
     pgs = parallel.initialize(device, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.seed)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    total_steps = SFTBatches(dataset, batch_settings(cfg), dp_rank, dp_size).num_steps
+    settings = batch_settings(cfg, transformer_engine.resolve_spec(cfg.model.spec, device.type))
+    total_steps = SFTBatches(dataset, settings, dp_rank, dp_size).num_steps
     total_steps = min(total_steps, cfg.train_steps or total_steps)
     policy = build_policy(cfg, vocab, device, total_steps)
     start_id, hf_origin = load_start(cfg, policy)
@@ -168,7 +176,7 @@ def setup(cfg: TrainConfig, source: str) -> Run:
               save_dir=cfg.checkpoint.save or os.path.join(cfg.output_dir, "checkpoints"),
               start_id=start_id, hf_origin=hf_origin)
     resumed_from = resume(run)
-    run.batches = SFTBatches(dataset, batch_settings(cfg), dp_rank, dp_size, consumed_samples=run.consumed)
+    run.batches = SFTBatches(dataset, settings, dp_rank, dp_size, consumed_samples=run.consumed)
     if parallel.is_logging_rank():
         run.log = open_log(run, resumed_from)
     return run

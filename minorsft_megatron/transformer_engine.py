@@ -9,6 +9,10 @@ import importlib.util
 from dataclasses import dataclass
 
 
+class TransformerEngineError(ValueError):
+    """Something this machine or this Transformer Engine cannot run; one line saying which and why."""
+
+
 def is_available() -> bool:
     """True when Transformer Engine's PyTorch bindings can be imported."""
     if importlib.util.find_spec("transformer_engine") is None:
@@ -21,9 +25,9 @@ def is_available() -> bool:
 
 
 def require(feature: str) -> None:
-    """A one-line error when `feature` needs Transformer Engine and it cannot be imported here."""
+    """A one-line error (TransformerEngineError) when `feature` needs Transformer Engine and it cannot be imported."""
     if not is_available():
-        raise RuntimeError(
+        raise TransformerEngineError(
             f"{feature} needs Transformer Engine, which cannot be imported here: install the extra "
             "(`pip install .[te]`) on a machine with an NVIDIA GPU and the CUDA toolkit"
         )
@@ -41,7 +45,13 @@ RECIPE_NEEDS = {
 }
 
 
-class FP8Error(ValueError):
+FP8_TOKEN_MULTIPLE = {"delayed": 16, "tensorwise": 16, "blockwise": 32, "mxfp8": 32}
+"""FP8 GEMMs need the number of tokens they multiply (per rank) divisible by this, per recipe."""
+THD_MIN_VERSION = "1.10.0"
+"""Packed (THD) sequences split for context parallelism: megatron-core asks Transformer Engine >= 1.10."""
+
+
+class FP8Error(TransformerEngineError):
     """An FP8 choice this machine or this Transformer Engine cannot run; one line saying which and why."""
 
 
@@ -119,6 +129,31 @@ def check_fp8(fp8: str | None, device_type: str, recipe: str = "delayed", capabi
                        f"this GPU has {capability[0]}.{capability[1]}")
     if _version_tuple(te_version) < _version_tuple(need_te):
         raise FP8Error(f"precision.fp8_recipe: {recipe} needs Transformer Engine >= {need_te}; installed: {te_version}")
+
+
+def fp8_token_multiple(cfg) -> int:
+    """The multiple FP8 GEMMs need of their token count in a run configured by `cfg` (config.TrainConfig): the
+    recipe's when the policy or a co-located reference computes in FP8, else 1."""
+    roles = ["policy"] + (["reference"] if cfg.reference.mode == "colocated" else [])
+    if all(role_precision(cfg, role).fp8 is None for role in roles):
+        return 1
+    return FP8_TOKEN_MULTIPLE[cfg.precision.fp8_recipe]
+
+
+def check_context_parallel_and_packing(cp: int, packing: bool, spec: str, te_version: str | None = None) -> None:
+    """Refuse what the resolved layer spec `spec` cannot run: context parallelism needs Transformer Engine's
+    attention (the local spec's would attend within each rank's chunks only), and packed samples on the TE spec
+    run as THD sequences split per sequence, which needs TE >= THD_MIN_VERSION."""
+    if cp > 1 and spec != "te":
+        raise TransformerEngineError(
+            f"parallel.cp: context parallelism needs the Transformer Engine layer spec (its attention exchanges keys "
+            f"and values between CP ranks); the layer spec here is {spec}")
+    if packing and spec == "te":
+        version = te_version or installed_version() or "0"
+        if _version_tuple(version) < _version_tuple(THD_MIN_VERSION):
+            raise TransformerEngineError(
+                f"data.packing: packed samples on the Transformer Engine spec run as THD sequences, which need "
+                f"Transformer Engine >= {THD_MIN_VERSION}; installed: {version}")
 
 
 def resolve_spec(spec: str, device_type: str) -> str:

@@ -41,7 +41,8 @@ def context_parallel(cp: int, device_name: str, batch: dict, logits: torch.Tenso
     loss_sum, denominator, stats = loss_fn(mb, local_logits)
     loss_sum.backward()
     plain_sums = context_parallel_sum(
-        sequence_sums(torch.ones_like(local["loss_mask"]), local["loss_mask"]), pgs.cp
+        sequence_sums(torch.ones_like(local["loss_mask"]), local["loss_mask"], mb.position_sample_ids(), mb.num_samples),
+        pgs.cp,
     )
     return {
         "positions": positions,

@@ -27,7 +27,7 @@ def test_te_spec_refused_without_transformer_engine():
     from megatron.core.transformer import TransformerConfig
 
     config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2)
-    with pytest.raises(RuntimeError, match=r"layer spec \('te'\) needs Transformer Engine.*pip install \.\[te\]"):
+    with pytest.raises(transformer_engine.TransformerEngineError, match=r"layer spec \('te'\) needs Transformer Engine.*pip install \.\[te\]"):
         block_spec(config, "te")
     with pytest.raises(ValueError, match="layer spec must be 'local' or 'te', got 'fast'"):
         block_spec(config, "fast")

@@ -78,3 +78,82 @@ def test_fp8_training_steps_and_step_zero_weights(tmp_path, fp8_reference):
           f"min {rows[0]['weight_min']!r} max {rows[0]['weight_max']!r}")
     if fp8_reference:
         assert rows[0]["weight_min"] == rows[0]["weight_max"] == 1.0
+
+
+def thd_against_rows(megatron_dir, prefix):
+    """Per-sample answer log-prob sums of every sample of `prefix`, bf16 on the TE spec: padded rows against THD
+    micro-batches (each sample padded to a multiple of 2, micro-batches to 16 tokens)."""
+    from minorsft_megatron import checkpoint, parallel
+    from minorsft_megatron.config import TrainConfig, from_dict
+    from minorsft_megatron.data.batch import padded_micro_batch, thd_micro_batch
+    from minorsft_megatron.data.dataset import SFTDataset
+    from minorsft_megatron.device import setup_device
+    from minorsft_megatron.forward_step import LogProbCollector, forward_log_probs
+    from minorsft_megatron.model import build_model
+    from minorsft_megatron.transformer_engine import RolePrecision
+
+    device = setup_device("cuda")
+    pgs = parallel.initialize(device)
+    state = checkpoint.read_state(megatron_dir)
+    cfg = from_dict(TrainConfig, state["config"], megatron_dir)
+    cfg.model.spec = "te"
+    model, _ = build_model(cfg, RolePrecision("bf16"), state["vocab_size"], device, initialize=False)
+    checkpoint.load(megatron_dir, model)
+    model.eval()
+    dataset = SFTDataset(prefix)
+    groups = [list(range(i, min(i + 8, 64))) for i in range(0, 64, 8)]
+    collector = LogProbCollector(state["vocab_size"], tp_group=pgs.tp, cp_group=pgs.cp)
+    rows = [padded_micro_batch(dataset, g, 128).to(device) for g in groups]
+    thd = [thd_micro_batch(dataset, g, 2, 16).to(device) for g in groups]
+    return {"rows": forward_log_probs([model], rows, collector, 128, 8),
+            "thd": forward_log_probs([model], thd, collector, 128, 1)}
+
+
+def test_thd_packed_equals_unpacked_on_the_te_spec(tmp_path, data_prefix):
+    """THD micro-batches through TE's attention (PackedSeqParams, padded and unpadded cu_seqlens) give every
+    sample the log-prob sum it gets alone in a padded row, within bf16 tolerance."""
+    import subprocess
+    import sys
+
+    from tests.convert_workers import make_hf_model
+
+    hf = make_hf_model("llama", str(tmp_path / "hf"))  # vocabulary 300 < the bundled tokenizer's 1024: resize
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    model.resize_token_embeddings(1024)
+    model.save_pretrained(hf)
+    subprocess.run([sys.executable, "tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", hf, "--out",
+                    str(tmp_path / "mg"), "--spec", "te", "--dtype", "bf16"], check=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = spawn(1, thd_against_rows, str(tmp_path / "mg"), data_prefix, out_dir=tmp_path / "job")[0]
+    rows, thd = result["rows"], result["thd"]
+    assert torch.equal(rows.num_answer_tokens, thd.num_answer_tokens)
+    per_token = (rows.logp_sum - thd.logp_sum).abs().cpu() / rows.num_answer_tokens.clamp(min=1).cpu()
+    assert float(per_token.max()) < 2e-2, float(per_token.max())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="context parallelism needs two GPUs")
+def test_context_parallel_2_matches_1_on_the_te_spec_for_training_and_score(tmp_path, data_prefix):
+    from tests.train_workers import metrics, run_commands, tiny_config
+
+    config = tiny_config(tmp_path, data_prefix, device="cuda", model={"spec": "te"},
+                         precision={"dtype": "bf16"}, reference={"precision": "bf16"})
+    init = str(tmp_path / "init")
+    spawn(1, run_commands, [("init", [config, init]),
+                            ("train", ["--config", config, f"checkpoint.init={init}", "train_steps=3",
+                                       f"output_dir={tmp_path / 'cp1'}"]),
+                            ("score", ["--load", init, "--data", data_prefix, "--out", str(tmp_path / "cp1.jsonl")])],
+          out_dir=tmp_path / "job1", timeout=600)
+    spawn(2, run_commands, [("train", ["--config", config, f"checkpoint.init={init}", "train_steps=3",
+                                       "parallel.cp=2", f"output_dir={tmp_path / 'cp2'}"]),
+                            ("score", ["--load", init, "--cp", "2", "--data", data_prefix, "--out",
+                                       str(tmp_path / "cp2.jsonl")])],
+          out_dir=tmp_path / "job2", timeout=600)
+    for a, b in zip(metrics(tmp_path / "cp1"), metrics(tmp_path / "cp2")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2) and b["m_theta"] == pytest.approx(a["m_theta"], abs=1e-2)
+    one = [json.loads(line) for line in open(tmp_path / "cp1.jsonl")]
+    two = [json.loads(line) for line in open(tmp_path / "cp2.jsonl")]
+    assert [r["num_answer_tokens"] for r in one] == [r["num_answer_tokens"] for r in two]
+    for a, b in zip(one, two):
+        assert abs(a["logp_sum"] - b["logp_sum"]) / max(a["num_answer_tokens"], 1) < 2e-2

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from minorsft_megatron.data.batch import sample_ids
 from minorsft_megatron.logprobs import sequence_sums, vocab_parallel_log_probs
 from minorsft_megatron.model import padded_vocab_size
 from tests.distributed import spawn
@@ -92,7 +93,7 @@ def test_packed_sums_equal_unpacked():
     for i, (row, mask) in enumerate(zip(rows, masks)):
         padded[i, : len(row)], padded_mask[i, : len(row)] = row, mask
     padded.requires_grad_()
-    unpacked = sequence_sums(padded, padded_mask)
+    unpacked = sequence_sums(padded, padded_mask, torch.arange(4)[:, None].expand(4, 8), 4)
     # Packed: two rows of 12, [5, 3] + padding and [7, 4] + padding.
     packed = torch.zeros(2, 12, dtype=torch.float64)
     packed_mask = torch.zeros(2, 12, dtype=torch.float64)
@@ -103,7 +104,7 @@ def test_packed_sums_equal_unpacked():
     # Flattened [2 * 12] layout: samples at [0, 5), [5, 8), [12, 19), [19, 23); 8..12 and 23.. are padding.
     cu_seqlens = torch.tensor([0, 5, 8, 12, 19, 23])
     packed.requires_grad_()
-    sums = sequence_sums(packed, packed_mask, cu_seqlens)  # 5 bins: the [8, 12) padding is bin 2
+    sums = sequence_sums(packed, packed_mask, sample_ids(cu_seqlens, 24).view(2, 12), 5)  # [8, 12) is bin 2
     keep = [0, 1, 3, 4]
     expected = torch.stack([(r * m).sum() for r, m in zip(rows, masks)])
     torch.testing.assert_close(unpacked, expected)
@@ -118,13 +119,13 @@ def test_packed_sums_equal_unpacked():
 
 def test_trailing_padding_is_no_sample():
     values = torch.ones(1, 10)
-    sums = sequence_sums(values, torch.ones(1, 10), torch.tensor([0, 4, 7]))
+    sums = sequence_sums(values, torch.ones(1, 10), sample_ids(torch.tensor([0, 4, 7]), 10).view(1, 10), 2)
     assert sums.tolist() == [4.0, 3.0]
 
 
 def test_sums_shape_mismatch():
     with pytest.raises(ValueError, match=r"token values \(2, 5\) and loss mask \(2, 4\) disagree"):
-        sequence_sums(torch.zeros(2, 5), torch.zeros(2, 4))
+        sequence_sums(torch.zeros(2, 5), torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long), 2)
 
 
 @pytest.mark.parametrize("loss", ["minor_sft", "sft"])
@@ -160,3 +161,22 @@ def test_context_parallel_sums_and_gradients(tmp_path, device, loss):
         grad[:, r["positions"]] += r["grad"].double()
     # Each rank's gradient is its slice of the unsplit gradient; megatron-core then sums parameter grads over CP.
     torch.testing.assert_close(grad, ref_logits.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_positions_cannot_make_nan():
+    """A non-finite value at a masked position (a padding position's garbage, a padded-vocabulary -inf) stays
+    out of the sums and of the gradients: selection, not multiplication by 0."""
+    values = torch.tensor([[1.0, float("nan"), 2.0, float("-inf")], [float("inf"), 3.0, 4.0, 0.5]])
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0]])
+    ids = torch.tensor([[0, 0, 0, 0], [1, 1, 1, 2]])  # the last position belongs to no sample
+    assert sequence_sums(values, mask, ids, 2).tolist() == [3.0, 7.0]
+    logits = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    logits[0, 1] = float("nan")  # a masked position whose logits are garbage
+    logits.requires_grad_()
+    labels = torch.randint(0, 8, (2, 3), generator=torch.Generator().manual_seed(1))
+    loss_mask = torch.ones(2, 3)
+    loss_mask[0, 1] = 0
+    logp = vocab_parallel_log_probs(logits, labels)
+    total = sequence_sums(logp, loss_mask, torch.arange(2)[:, None].expand(2, 3), 2).sum()
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(logits.grad).all() and (logits.grad[0, 1] == 0).all()

@@ -149,10 +149,11 @@ def test_merged_micro_batches_give_the_same_per_sample_sums(dataset, packing):
     assert len(batches) >= 2
     gen = torch.Generator().manual_seed(0)
     values = [torch.randn(b.tokens.shape, generator=gen, dtype=torch.float64) for b in batches]
-    separate = torch.cat([sequence_sums(v, b.loss_mask, b.cu_seqlens) for v, b in zip(values, batches)])
+    separate = torch.cat([sequence_sums(v, b.loss_mask, b.position_sample_ids(), b.num_samples)
+                          for v, b in zip(values, batches)])
     merged = merge_micro_batches(batches)
     assert torch.equal(merged.sample_index, torch.cat([b.sample_index for b in batches]))
-    together = sequence_sums(torch.cat(values), merged.loss_mask, merged.cu_seqlens)
+    together = sequence_sums(torch.cat(values), merged.loss_mask, merged.position_sample_ids(), merged.num_samples)
     torch.testing.assert_close(together, separate, rtol=0, atol=1e-12)
     if packing:
         assert merged.attention_mask.shape == (merged.tokens.size(0), 1, SEQ, SEQ)

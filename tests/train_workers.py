@@ -54,6 +54,7 @@ def overflow_at_steps(steps: set[int]) -> None:
             loss_sum, denominator, stats = loss_function(batch, logits)
             return loss_sum * 1e30, denominator, stats
 
+        overflowing.cp_group = loss_function.cp_group
         return real(model, batches, overflowing, *args, **kwargs)
 
     train.forward_backward = forward_backward

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minorsft_megatron.data.batch import SFTBatch, packed_micro_batch, padded_micro_batch
+from minorsft_megatron.data.batch import SFTBatch, packed_micro_batch, padded_micro_batch, thd_micro_batch
 
 
 class DataError(ValueError):
@@ -100,6 +100,13 @@ class BatchSettings:
     """Shuffling seed."""
     epochs: int = 1
     """Passes over the dataset; the last incomplete global batch is left out."""
+    thd_sample_multiple: int | None = None
+    """Packed only: build THD micro-batches ([1, T], for Transformer Engine's attention) of the samples each group
+    of micro_batch_size rows holds, each padded to a multiple of this (2 * cp, times tp under sequence
+    parallelism). None: packed rows [b, s] with a block-diagonal mask (the local spec)."""
+    thd_total_multiple: int = 1
+    """THD micro-batches' length T is a multiple of this (a multiple of thd_sample_multiple; FP8 GEMMs need their
+    token count divisible by 16 or 32)."""
 
 
 def sample_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -168,8 +175,11 @@ class SFTBatches:
         rows = rows_per_rank[self.dp_rank]
         num_micro = -(-max(len(r) for r in rows_per_rank) // mbs)
         rows += [[]] * (num_micro * mbs - len(rows))  # empty rows so every DP rank runs as many micro-batches
-        return [packed_micro_batch(self.dataset, rows[i : i + mbs], self.settings.seq_length)
-                for i in range(0, len(rows), mbs)]
+        groups = [rows[i : i + mbs] for i in range(0, len(rows), mbs)]
+        if self.settings.thd_sample_multiple is None:
+            return [packed_micro_batch(self.dataset, group, self.settings.seq_length) for group in groups]
+        return [thd_micro_batch(self.dataset, [i for row in group for i in row], self.settings.thd_sample_multiple,
+                                self.settings.thd_total_multiple) for group in groups]
 
     def _rows(self, samples: np.ndarray) -> list[list[int]]:
         positions = self.dataset.lengths[samples] - 1
