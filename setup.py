@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch",
-        "megatron-core>=0.16.1,<0.20",
+        "megatron-core>=0.16.1,!=0.17.*,!=0.18.*,<0.20",  # tested: 0.16.1 and 0.19.2 (docs/megatron-versions.md)
         "sentencepiece",
         "pyyaml",
         "psutil",

@@ -10,11 +10,13 @@ import torch.distributed as dist
 
 from minorsft_megatron import parallel
 from minorsft_megatron.checkpoint import CheckpointError
+from minorsft_megatron.compat import MegatronVersionError, check_megatron_version
 from minorsft_megatron.config import ConfigError
 from minorsft_megatron.data.dataset import DataError
 from minorsft_megatron.reference_cache import ReferenceCacheError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ReferenceCacheError, parallel.LayoutError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ReferenceCacheError, parallel.LayoutError,
+               MegatronVersionError)
 """What a user's input can cause: reported in one line, never as a traceback."""
 
 
@@ -34,6 +36,7 @@ def run_main(job, extra_errors: tuple = ()) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
     set_single_process_defaults()
     try:
+        check_megatron_version()
         job()
     except USER_ERRORS + extra_errors as err:
         if os.environ["RANK"] == "0":

@@ -1,6 +1,9 @@
-"""Workarounds for megatron-core bugs that this package's runs meet, installed once per process by
-`device.setup_device` (through `apply()`), each naming the megatron-core code it answers. The CPU redirections
-themselves are in device.py.
+"""What differs between the megatron-core versions this package supports, and workarounds for megatron-core bugs
+its runs meet: installed once per process by `device.setup_device` (through `apply()`), each naming the
+megatron-core code it answers. The CPU redirections themselves are in device.py; docs/megatron-versions.md says
+what changed between the versions.
+
+Supported and tested: megatron-core 0.16 (from 0.16.1) and 0.19. 0.17 and 0.18 are refused (never tested).
 
 megatron-core's DistributedOptimizer on torch's Adam (no Apex and no Transformer Engine: every CPU run, and GPUs
 without them; with TE its FusedAdam keeps the step in param_groups and none of this applies) cannot resume:
@@ -18,10 +21,40 @@ without them; with TE its FusedAdam keeps the step in param_groups and none of t
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
 _applied = False
+SUPPORTED = ((0, 16, 1), (0, 16, 99)), ((0, 19, 0), (0, 19, 99))
+"""Inclusive (lowest, highest) version ranges this package is tested on."""
+SUPPORTED_TEXT = "0.16.x (from 0.16.1) or 0.19.x"
+
+# Notices megatron-core 0.19 logs that a user of this package cannot act on (docs/megatron-versions.md):
+QUIET_FROM_0_19 = {
+    "megatron.core.models.gpt.gpt_model": "GPTModel IS DEPRECATED",  # every GPTModel built; see the HybridModel note
+    "megatron.core.dist_checkpointing.strategies.torch": "MCore's async save is deprecated",  # its own sync save
+}
+
+
+class MegatronVersionError(ValueError):
+    """The installed megatron-core is not one this package supports; one line saying which to install."""
+
+
+def megatron_version() -> tuple[int, int, int]:
+    from importlib.metadata import version
+
+    parts = version("megatron-core").split("+")[0].split(".")
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in (parts + ["0", "0"])[:3])
+
+
+def check_megatron_version(installed: tuple[int, int, int] | None = None) -> None:
+    """Refuse a megatron-core outside SUPPORTED, before any work."""
+    installed = installed or megatron_version()
+    if not any(low <= installed <= high for low, high in SUPPORTED):
+        raise MegatronVersionError(
+            f"megatron-core {'.'.join(map(str, installed))} is installed; minorsft-megatron supports and tests "
+            f"{SUPPORTED_TEXT}: pip install 'megatron-core==0.16.1' (Python 3.10/3.11) or 'megatron-core==0.19.2'")
 
 
 def _torch_adam(distributed_optimizer):
@@ -76,11 +109,19 @@ def _skipping_adam_step(set_states):
     return wrapped
 
 
+def _quiet(logger_name: str, prefix: str) -> None:
+    logging.getLogger(logger_name).addFilter(lambda record: not record.getMessage().startswith(prefix))
+
+
 def apply() -> None:
-    """Install the workarounds above into megatron-core (once per process)."""
+    """Check the version, then install the workarounds above into megatron-core (once per process)."""
     global _applied
     if _applied:
         return
+    check_megatron_version()
+    if megatron_version() >= (0, 19, 0):
+        for logger_name, prefix in QUIET_FROM_0_19.items():
+            _quiet(logger_name, prefix)
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as D
 
     D.sharded_state_dict = _allocating_adam_state(D.sharded_state_dict)

@@ -474,13 +474,16 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    from minorsft_megatron.compat import MegatronVersionError, check_megatron_version
+
     try:
+        check_megatron_version()
         config = load_config(args.config, args.overrides)
         import torch
 
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         check_for_device(config, args.config, device)
-    except ConfigError as err:
+    except (ConfigError, MegatronVersionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -592,8 +592,10 @@ def main(argv=None) -> int:
     to_hf.add_argument("--verify", action="store_true")
     args = parser.parse_args(argv)
     from minorsft_megatron.checkpoint import CheckpointError
+    from minorsft_megatron.compat import MegatronVersionError, check_megatron_version
 
     try:
+        check_megatron_version()
         if args.direction == "hf-to-megatron":
             path = hf_to_megatron(args.hf_dir, args.out, args.spec, args.dtype)
             if args.verify:
@@ -602,7 +604,7 @@ def main(argv=None) -> int:
             megatron_to_hf(args.load, args.out, args.dtype)
             if args.verify:
                 verify(args.out, args.load)
-    except (ConversionError, CheckpointError, OSError) as err:
+    except (ConversionError, CheckpointError, MegatronVersionError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -132,6 +132,23 @@ def _seed_cpu_generator(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+class _NoStream:
+    """What torch.cuda.current_stream() answers on the CPU: one stream, in order, nothing to wait for."""
+
+    def wait_event(self, *_args):
+        pass
+
+    def wait_stream(self, *_args):
+        pass
+
+    def record_event(self, *_args):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+_NO_STREAM = _NoStream()
 _TENSOR_TYPE = torch.Tensor.type
 
 
@@ -181,6 +198,7 @@ def _redirect_megatron_to_cpu() -> None:
     # Device placement and synchronisation.
     torch.cuda.current_device = lambda: _CPU
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_stream = lambda *args, **kwargs: _NO_STREAM
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     # RNG: the CUDA generator the tracker forks is the CPU generator.
     torch.cuda.get_rng_state = _cpu_rng_state

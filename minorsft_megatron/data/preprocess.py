@@ -352,8 +352,11 @@ def main(argv=None) -> int:
     """Command line entry; returns the exit status (0, or 1 with one line on stderr)."""
     import warnings
 
+    from minorsft_megatron.compat import MegatronVersionError, check_megatron_version
+
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")  # import-time notes about Apex/TE
     try:
+        check_megatron_version()
         args = _Parser().parse_args(argv)
         settings = PreprocessSettings(
             inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
@@ -361,7 +364,7 @@ def main(argv=None) -> int:
             workers=args.workers, skip_bad_records=args.skip_bad_records,
         )
         preprocess(settings)
-    except PreprocessError as err:
+    except (PreprocessError, MegatronVersionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

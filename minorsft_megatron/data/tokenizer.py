@@ -149,7 +149,9 @@ def _load_huggingface(path):
     from megatron.core.tokenizers import MegatronTokenizer
 
     try:
-        tok = MegatronTokenizer.from_pretrained(path, metadata_path={"library": "huggingface"}, use_fast=True)
+        # include_special_tokens: encode text only (megatron-core's default became True in 0.17: BOS added)
+        tok = MegatronTokenizer.from_pretrained(path, metadata_path={"library": "huggingface"}, use_fast=True,
+                                                include_special_tokens=False)
     except (ValueError, OSError, ImportError) as err:
         raise TokenizerError(f"{path}: cannot load the Hugging Face tokenizer: {str(err).splitlines()[0]}")
     hf = tok._tokenizer.tokenizer
