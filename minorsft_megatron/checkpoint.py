@@ -53,9 +53,13 @@ def has_checkpoint(path: str | None) -> bool:
 
 def read_state(path: str) -> dict:
     """The common `state` entry of the checkpoint at `path` (no model needed): config, identities, counters."""
+    import warnings
+
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(resolve(path))
+    with warnings.catch_warnings():  # read by one process on purpose (torch warns when no process group exists)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        common = dist_checkpointing.load_common_state_dict(resolve(path))
     if "state" not in common:
         raise CheckpointError(f"{path}: not a minorsft-megatron checkpoint (no 'state' entry)")
     return common["state"]
