@@ -94,6 +94,10 @@ class LossConfig:
     name: str = "minor_sft"
     """sft | sft_seq | minor_sft | sft_dpo."""
     beta: float = 0.04
+    logprob_chunk_size: int = 256
+    """Positions whose logits exist at a time: the output layer and the log-probs run fused, chunk by chunk,
+    without a full-vocabulary logits tensor (training, the co-located reference, score, generate); 0: the model
+    outputs all logits at once."""
 
 
 @dataclass
@@ -356,6 +360,7 @@ def _validate_precision_and_loss(c: TrainConfig, source: str) -> None:
     _require(c.precision.loss_scale_window >= 1, source, "precision.loss_scale_window", "must be at least 1")
     _choice(c.loss.name, tuple(LOSSES), source, "loss.name")
     _require(c.loss.beta > 0, source, "loss.beta", "must be positive")
+    _require(c.loss.logprob_chunk_size >= 0, source, "loss.logprob_chunk_size", "must be >= 0 (0: off)")
 
 
 def _validate_optimizer(c: TrainConfig, source: str) -> None:

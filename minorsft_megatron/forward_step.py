@@ -21,8 +21,15 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from minorsft_megatron.data.batch import SFTBatch, context_parallel_share
-from minorsft_megatron.logprobs import SequenceLogProbs, all_reduce, concat_log_probs, sequence_log_probs
+from minorsft_megatron.logprobs import (
+    OutputLogProbs,
+    SequenceLogProbs,
+    all_reduce,
+    concat_log_probs,
+    sequence_log_probs,
+)
 from minorsft_megatron.loss import LossSpec, get_loss, loss_and_stats, metrics_from_stats
+from minorsft_megatron.model import forward_kwargs
 
 
 class SFTLossFunction:
@@ -35,17 +42,16 @@ class SFTLossFunction:
     denominator and the statistics.
     """
 
-    def __init__(self, loss: str | LossSpec, beta: float, vocab_size: int, tp_group=None, cp_group=None):
+    def __init__(self, loss: str | LossSpec, beta: float, log_probs: OutputLogProbs, cp_group=None):
         self.spec = get_loss(loss) if isinstance(loss, str) else loss
         self.beta = beta
-        self.vocab_size = vocab_size
-        self.tp_group = tp_group
+        self.log_probs = log_probs
+        """How the model's output becomes label log-probs (from logits, or fused from hidden states)."""
         self.cp_group = cp_group
         self.counts_here = cp_group is None or dist.get_rank(cp_group) == 0
 
-    def __call__(self, batch: SFTBatch, logits: torch.Tensor):
-        logp_sum, num_answer_tokens, _ = sequence_log_probs(batch, logits, self.vocab_size, self.tp_group,
-                                                            self.cp_group)
+    def __call__(self, batch: SFTBatch, output: torch.Tensor):
+        logp_sum, num_answer_tokens, _ = sequence_log_probs(batch, output, self.log_probs, self.cp_group)
         loss_sum, denominator, sum_stats, max_stats = loss_and_stats(
             self.spec, logp_sum, batch.ref_logp_sum, num_answer_tokens, self.beta
         )
@@ -63,16 +69,14 @@ class SFTLossFunction:
 class LogProbCollector:
     """The non-loss-data function of a forward-only pass: each micro-batch's `SequenceLogProbs`, no loss."""
 
-    def __init__(self, vocab_size: int, tp_group=None, cp_group=None, keep_token_log_probs: bool = False):
-        self.vocab_size = vocab_size
-        self.tp_group = tp_group
+    def __init__(self, log_probs: OutputLogProbs, cp_group=None, keep_token_log_probs: bool = False):
+        self.log_probs = log_probs
         self.cp_group = cp_group
         self.keep_token_log_probs = keep_token_log_probs
         """Also keep every position's label log-prob `[b, s]` (score --per-token)."""
 
-    def __call__(self, batch: SFTBatch, logits: torch.Tensor, non_loss_data: bool = True) -> SequenceLogProbs:
-        result = sequence_log_probs(batch, logits, self.vocab_size, self.tp_group, self.cp_group,
-                                    self.keep_token_log_probs)
+    def __call__(self, batch: SFTBatch, output: torch.Tensor, non_loss_data: bool = True) -> SequenceLogProbs:
+        result = sequence_log_probs(batch, output, self.log_probs, self.cp_group, self.keep_token_log_probs)
         return result._replace(logp_sum=result.logp_sum.detach())
 
 
@@ -94,9 +98,9 @@ def make_forward_step(loss_function):
 
     def forward_step(data_iterator, model):
         batch = context_parallel_share(next(data_iterator), loss_function.cp_group)
-        logits = model(batch.tokens, batch.position_ids, batch.attention_mask,
-                       packed_seq_params=packed_seq_params(batch))  # [b, s/cp, V/tp] (last stage)
-        return logits, functools.partial(loss_function, batch)
+        output = model(batch.tokens, batch.position_ids, batch.attention_mask,
+                       packed_seq_params=packed_seq_params(batch), **forward_kwargs(model))
+        return output, functools.partial(loss_function, batch)  # output: logits [b, s/cp, V/tp] or hidden states
 
     return forward_step
 

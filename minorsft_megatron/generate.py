@@ -29,7 +29,7 @@ from minorsft_megatron.data.records import RecordError, parse_record
 from minorsft_megatron.data.templates import prompt_ids, resolve_template
 from minorsft_megatron.data.tokenizer import TokenizerError, load_tokenizer
 from minorsft_megatron.device import setup_device
-from minorsft_megatron.model import build_model
+from minorsft_megatron.model import build_model, forward_kwargs, output_log_probs
 from minorsft_megatron.reference_cache import write_jsonl
 from minorsft_megatron.score import checkpoint_config
 from minorsft_megatron.transformer_engine import RolePrecision
@@ -61,11 +61,14 @@ def stop_ids(tokenizer) -> set[int]:
     return ids
 
 
-def next_tokens(model, ids: torch.Tensor, vocab_size: int, tp_group) -> torch.Tensor:
+def next_tokens(model, ids: torch.Tensor, log_probs) -> torch.Tensor:
     """Greedy next token of each row of `ids` [b, s]: full-vocabulary argmax over the TP shards of the last
-    position's logits (one all_gather over `tp_group` when TP > 1). Returns [b]."""
+    position's logits (`log_probs`, a logprobs.OutputLogProbs, makes them from what the model outputs; one
+    all_gather over its TP group when TP > 1). Returns [b]."""
     positions = torch.arange(ids.shape[1], device=ids.device)[None]
-    logits = model(ids, positions, attention_mask=None)[:, -1].float()  # [b, V/tp]
+    output = model(ids, positions, attention_mask=None, **forward_kwargs(model))
+    logits = log_probs.last_position_logits(output)  # [b, V/tp]
+    tp_group, vocab_size = log_probs.tp_group, log_probs.vocab_size
     if dist.get_world_size(tp_group) > 1:
         shards = [torch.empty_like(logits) for _ in range(dist.get_world_size(tp_group))]
         dist.all_gather(shards, logits, group=tp_group)
@@ -74,7 +77,7 @@ def next_tokens(model, ids: torch.Tensor, vocab_size: int, tp_group) -> torch.Te
 
 
 @torch.no_grad()
-def greedy(model, prompts: list[list[int]], stops: set[int], max_new_tokens: int, vocab_size: int, tp_group,
+def greedy(model, prompts: list[list[int]], stops: set[int], max_new_tokens: int, log_probs,
            device) -> list[list[int]]:
     """Greedy continuations of prompts of one length, decoded together (no padding: each row attends only to its
     own tokens, as it would alone); a row leaves the batch at its stop token, which is not returned."""
@@ -82,7 +85,7 @@ def greedy(model, prompts: list[list[int]], stops: set[int], max_new_tokens: int
     rows = list(range(len(prompts)))  # the prompt each row of `ids` continues
     new: list[list[int]] = [[] for _ in prompts]
     for _ in range(max_new_tokens):
-        tokens = next_tokens(model, ids, vocab_size, tp_group)  # [b]
+        tokens = next_tokens(model, ids, log_probs)  # [b]
         going = [token not in stops for token in tokens.tolist()]
         for row, token, on in zip(rows, tokens.tolist(), going):
             if on:
@@ -120,13 +123,13 @@ def generate(args) -> None:
                            device, initialize=False)
     checkpoint.load(args.load, model)
     model.eval()
+    log_probs = output_log_probs(model, cfg.loss.logprob_chunk_size, state["vocab_size"], pgs.tp, False)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     mine = range(dp_rank, len(prompts), dp_size)
     stops = stop_ids(tokenizer)
     results = []
     for batch in same_length_batches(prompts, mine, args.batch_size):
-        answers = greedy(model, [prompts[i][0] for i in batch], stops, args.max_new_tokens, state["vocab_size"],
-                         pgs.tp, device)
+        answers = greedy(model, [prompts[i][0] for i in batch], stops, args.max_new_tokens, log_probs, device)
         for i, new in zip(batch, answers):
             text = tokenizer.decode(new)
             results.append({"index": i, "generated": text, "reference": prompts[i][1],

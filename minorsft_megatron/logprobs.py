@@ -6,7 +6,8 @@ Every function takes its process groups as arguments; `None` means "not parallel
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -79,7 +80,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             grad_2d, arange_1d, masked_target_1d, softmax_update, grad_input, -grad_logp
         )
         # A position with no gradient (masked) gives none, even where its softmax is not finite (0 * nan is nan).
-        grad_logits = torch.where((grad_logp != 0).unsqueeze(-1), grad_logits, 0.0)
+        grad_logits.masked_fill_((grad_logp == 0).unsqueeze(-1), 0.0)
         return grad_logits.to(ctx.input_dtype), None, None, None
 
 
@@ -162,18 +163,19 @@ class SequenceLogProbs(NamedTuple):
     """[b, s] detached log-prob of every position's label (this CP rank's positions), when asked for."""
 
 
-def sequence_log_probs(batch: SFTBatch, logits: torch.Tensor, vocab_size: int, tp_group, cp_group,
+def sequence_log_probs(batch: SFTBatch, output: torch.Tensor, log_probs: "OutputLogProbs", cp_group,
                        keep_token_log_probs: bool = False) -> SequenceLogProbs:
     """Per-sample answer log-prob sums and answer-token counts for one micro-batch.
 
     Args:
-        logits: `[b, s, V/tp]` from GPTModel (this rank's vocabulary shard, this CP rank's part of s).
+        output: the last stage's output for this CP rank's part of the micro-batch: logits `[b, s, V/tp]`, or
+            the final hidden states when `log_probs` computes the logits itself (see OutputLogProbs).
         keep_token_log_probs: also return the detached per-token log-probs `[b, s]`.
     Returns:
         SequenceLogProbs with totals over the CP group.
-        Collectives: 3 all-reduces over `tp_group`, 1 over `cp_group`.
+        Collectives: `log_probs`' over its TP group, 1 all-reduce over `cp_group`.
     """
-    token_logp = vocab_parallel_log_probs(logits, batch.labels, vocab_size, tp_group)  # [b, s]
+    token_logp = log_probs(output, batch.labels)  # [b, s]
     ids, n = batch.position_sample_ids(), batch.num_samples
     partial = torch.stack([sequence_sums(token_logp, batch.loss_mask, ids, n),
                            sequence_sums(torch.ones_like(token_logp), batch.loss_mask, ids, n)])  # [2, n]
@@ -187,3 +189,170 @@ def concat_log_probs(parts: list[SequenceLogProbs]) -> SequenceLogProbs:
     tokens = None if parts[0].token_logp is None else torch.cat([p.token_logp for p in parts])
     return SequenceLogProbs(torch.cat([p.logp_sum for p in parts]),
                             torch.cat([p.num_answer_tokens for p in parts]), tokens)
+
+
+# ---- fused output layer + log-probs ----------------------------------------------------------------------------
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs, fp64 for fp64: the dtype log-probs are computed in."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor:
+    """`[c, V/tp]` logits of `c` positions in the math dtype: the output layer's matmul in its own dtype, then
+    upcast, padded vocabulary columns -inf (so they take no probability)."""
+    logits = (hidden @ weight.t()).to(_math_dtype(weight.dtype))  # [c, V/tp]
+    if vocab_size < vocab_start + logits.size(-1):
+        logits[:, max(vocab_size - vocab_start, 0):] = float("-inf")
+    return logits
+
+
+WGRAD_BLOCK = 8192
+"""Vocabulary rows per step when the weight gradient is added into an accumulator of another dtype."""
+
+
+def _add_weight_grad(accumulator: torch.Tensor, d_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """accumulator [V/tp, h] += d_logits^T [V/tp, c] @ hidden [c, h]: in place when the dtypes agree, else (bf16
+    products into an fp32 main_grad) WGRAD_BLOCK vocabulary rows at a time, so no [V/tp, h] temporary exists."""
+    if accumulator.dtype == d_logits.dtype:
+        accumulator.addmm_(d_logits.t(), hidden)
+        return
+    for start in range(0, accumulator.size(0), WGRAD_BLOCK):
+        rows = slice(start, start + WGRAD_BLOCK)
+        accumulator[rows].add_(d_logits[:, rows].t() @ hidden)
+
+
+def _label_columns(labels: torch.Tensor, vocab_start: int, width: int):
+    """(this shard's column of each label, whether the label is on this shard) for `labels` `[c]`."""
+    local = labels - vocab_start
+    here = (local >= 0) & (local < width)
+    return torch.where(here, local, 0), here
+
+
+class _FusedOutputLogProbs(torch.autograd.Function):
+    """log softmax(hidden @ weight^T)[label], `chunk` positions at a time, the vocabulary split over `tp_group`.
+
+    Forward, per chunk: the chunk's logits `[c, V/tp]`; all-reduces over `tp_group` of the max and then of the
+    label logit and the sum of exps (2 collectives of `[c]`/`[2, c]`); keeps only each position's log-sum-exp.
+    Backward, per chunk: the logits again, d logp / d logits = onehot - softmax (exactly 0 where the upstream
+    gradient is 0), this shard's part of the hidden states' gradient (the caller's region op reduces it over TP)
+    and the weight's gradient, added to `weight.main_grad` where megatron-core's DDP keeps one (its own
+    gradient-accumulation-fusion protocol), else returned. Peak memory: a few `[chunk, V/tp]` tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, vocab_size, tp_group, chunk):
+        rank, world_size = _rank_and_size(tp_group)
+        width = weight.size(0)
+        vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(width, rank, world_size)
+        logp = torch.empty(hidden.size(0), dtype=_math_dtype(weight.dtype), device=hidden.device)  # [N]
+        lse = torch.empty_like(logp)  # [N] log-sum-exp, all that backward keeps per position
+        for start in range(0, hidden.size(0), chunk):
+            part = slice(start, start + chunk)
+            logits = _chunk_logits(hidden[part], weight, vocab_size, vocab_start)  # [c, V/tp]
+            logits_max = logits.max(dim=-1).values  # [c]
+            all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
+            column, here = _label_columns(labels[part], vocab_start, width)
+            label_and_sum = torch.stack([
+                torch.where(here, logits.gather(-1, column[:, None])[:, 0], 0.0),
+                logits.sub_(logits_max[:, None]).exp_().sum(dim=-1),
+            ])  # [2, c]: the label's logit (on its shard), the sum of exps
+            all_reduce(label_and_sum, dist.ReduceOp.SUM, tp_group)
+            lse[part] = logits_max + label_and_sum[1].log()
+            logp[part] = label_and_sum[0] - lse[part]
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.meta = (vocab_size, vocab_start, chunk)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        vocab_size, vocab_start, chunk = ctx.meta
+        into_main_grad = hasattr(weight, "grad_added_to_main_grad") and hasattr(weight, "main_grad")
+        grad_weight = weight.main_grad if into_main_grad else torch.zeros_like(weight, dtype=lse.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, hidden.size(0), chunk):
+            part = slice(start, start + chunk)
+            g = grad_logp[part].to(lse.dtype)  # [c]
+            softmax = _chunk_logits(hidden[part], weight, vocab_size, vocab_start).sub_(lse[part, None]).exp_()
+            d_logits = softmax.mul_(-g[:, None])  # [c, V/tp]: g * (onehot - softmax), the onehot next
+            column, here = _label_columns(labels[part], vocab_start, weight.size(0))
+            d_logits[here, column[here]] += g[here]
+            d_logits = d_logits.masked_fill_((g == 0)[:, None], 0.0).to(weight.dtype)  # 0 * nan stays out
+            grad_hidden[part] = d_logits @ weight  # [c, h]
+            _add_weight_grad(grad_weight, d_logits, hidden[part])
+        if into_main_grad:
+            weight.grad_added_to_main_grad = True
+            shape = dict(dtype=hidden.dtype, device=hidden.device)
+            dummy = torch.zeros(weight.shape, **shape) if getattr(weight, "zero_out_wgrad", False) else \
+                torch.empty(weight.shape, **shape)
+            return grad_hidden, dummy, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+
+
+def fused_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                    tp_group=None, sequence_parallel: bool = False, chunk_size: int = 1024) -> torch.Tensor:
+    """Log-probability of each label from the final hidden states and the output layer's weight, without the
+    full-vocabulary logits: the output layer and `vocab_parallel_log_probs` in one, `chunk_size` positions at a
+    time, exact (the same numbers as the output layer then vocab_parallel_log_probs).
+
+    Args:
+        hidden: `[b, s, h]` final hidden states (after the final norm); under sequence parallelism `[b, s/tp, h]`,
+            gathered over `tp_group` as the output layer gathers them.
+        weight: `[V/tp, h]` this rank's rows of the output layer's (or the tied embedding's) weight.
+        labels: `[b, s]` token ids in `[0, vocab_size)`.
+    Returns:
+        `[b, s]` float32 log-probs (float64 for a float64 weight), the same on every TP rank. Collectives: the
+        output layer's on the hidden
+        states (all-gather under SP; its backward an all-reduce or reduce-scatter), 2 all-reduces over
+        `tp_group` per chunk forward and none in backward.
+    """
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+
+    if _rank_and_size(tp_group)[1] > 1 and sequence_parallel:  # gathered along the sequence, [s/tp, b, h] first
+        hidden = gather_from_sequence_parallel_region(hidden.transpose(0, 1), tensor_parallel_output_grad=True,
+                                                      group=tp_group).transpose(0, 1)  # [b, s, h]
+    elif _rank_and_size(tp_group)[1] > 1:  # no transposes: megatron-core all-reduces a gradient in place only
+        hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)  # when it is contiguous
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden states {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
+    flat = hidden.reshape(-1, hidden.size(-1)).to(weight.dtype)  # [b * s, h]
+    logp = _FusedOutputLogProbs.apply(flat, weight, labels.reshape(-1), vocab_size, tp_group, chunk_size)
+    return logp.view(labels.shape)
+
+
+@dataclass
+class OutputLogProbs:
+    """Turns the last pipeline stage's output into each label's log-prob, one of two ways:
+    `chunk_size` 0: the output is the logits `[b, s, V/tp]` (vocab_parallel_log_probs);
+    `chunk_size` > 0: it is the final hidden states (model.hidden_states_out), and the logits are made
+    `chunk_size` positions at a time from the output layer's weight (fused_log_probs), never all at once."""
+
+    vocab_size: int
+    """The real vocabulary; padded columns take no probability."""
+    tp_group: object = None
+    chunk_size: int = 0
+    weight: Callable[[], torch.Tensor] | None = None
+    """The output layer's (or the tied embedding's) weight `[V/tp, h]` (chunk_size > 0)."""
+    sequence_parallel: bool = False
+    """The hidden states are split over TP along the sequence (chunk_size > 0)."""
+
+    def __call__(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`[b, s]` float32 log-probs of `labels` `[b, s]`."""
+        if self.chunk_size == 0:
+            return vocab_parallel_log_probs(output, labels, self.vocab_size, self.tp_group)
+        return fused_log_probs(output, self.weight(), labels, self.vocab_size, self.tp_group,
+                               self.sequence_parallel, self.chunk_size)
+
+    def last_position_logits(self, output: torch.Tensor) -> torch.Tensor:
+        """`[b, V/tp]` logits of the last position of each row (greedy decoding), whichever the output is."""
+        if self.chunk_size == 0:
+            return output[:, -1].float()
+        if self.sequence_parallel and _rank_and_size(self.tp_group)[1] > 1:
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            output = gather_from_sequence_parallel_region(output.transpose(0, 1), group=self.tp_group).transpose(0, 1)
+        return (output[:, -1] @ self.weight().t()).float()

@@ -9,6 +9,7 @@ for Apex's and Transformer Engine's norms. Parameter names are unchanged.
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import replace
 
 import torch
@@ -199,5 +200,45 @@ def build_model(cfg, precision: transformer_engine.RolePrecision, vocab: int, de
 
 
 def unwrap(model):
-    """The GPTModel inside a Float16Module (or the model itself)."""
-    return getattr(model, "module", model)
+    """The GPTModel inside DistributedDataParallel and Float16Module wrappers (or the model itself)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def forward_kwargs(model) -> dict:
+    """Keyword arguments for calling `model`: a Float16Module keeps the last stage's output in bf16/fp16 (the
+    log-prob code upcasts what it needs, chunk by chunk; a full-vocabulary fp32 copy would be waste)."""
+    from megatron.core.transformer.module import Float16Module
+
+    while True:
+        if isinstance(model, Float16Module):
+            return {"fp32_output": False}
+        if not hasattr(model, "module"):
+            return {}
+        model = model.module
+
+
+def _hidden_states_forward(self, input_, weight=None, runtime_gather_output=None):
+    return input_, None
+
+
+def output_log_probs(model, chunk_size: int, vocab_size: int, tp_group, sequence_parallel: bool):
+    """How this stage's `model` output becomes label log-probs (logprobs.OutputLogProbs).
+
+    With `chunk_size` > 0 the model is made to return its final hidden states (after the final norm) instead of
+    logits: its output layer's forward answers its input, and the log-probs are computed chunk by chunk from the
+    output layer's weight (the tied embedding's when shared), so no full-vocabulary logits tensor exists.
+    megatron-core 0.16's GPTModel has no hook between the final norm and the output layer (0.18 added
+    `output_processor`); this works alike on every supported version and keeps the parameters and checkpoint keys.
+    """
+    from minorsft_megatron.logprobs import OutputLogProbs
+
+    if chunk_size == 0:
+        return OutputLogProbs(vocab_size, tp_group)
+    gpt = unwrap(model)
+    if gpt.post_process:
+        gpt.output_layer.forward = types.MethodType(_hidden_states_forward, gpt.output_layer)
+    weight = gpt.shared_embedding_or_output_weight if gpt.share_embeddings_and_output_weights else \
+        (lambda: gpt.output_layer.weight)
+    return OutputLogProbs(vocab_size, tp_group, chunk_size, weight, sequence_parallel)

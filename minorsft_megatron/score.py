@@ -31,7 +31,7 @@ from minorsft_megatron.data.batch import padded_micro_batch
 from minorsft_megatron.data.dataset import SFTDataset
 from minorsft_megatron.device import setup_device
 from minorsft_megatron.forward_step import LogProbCollector, forward_log_probs
-from minorsft_megatron.model import build_model
+from minorsft_megatron.model import build_model, output_log_probs
 from minorsft_megatron.reference_cache import read_cache, write_cache, write_jsonl
 
 SEQ_MULTIPLE = 8
@@ -139,8 +139,8 @@ def score_rank_share(args, cfg, state, dataset, device, pgs, precision: str):
     batches, keep = rank_micro_batches(dataset, seq_length, args.micro_batch_size,
                                        parallel_state.get_data_parallel_rank(),
                                        parallel_state.get_data_parallel_world_size())
-    collector = LogProbCollector(state["vocab_size"], tp_group=pgs.tp, cp_group=pgs.cp,
-                                 keep_token_log_probs=args.per_token is not None)
+    log_probs = output_log_probs(model, cfg.loss.logprob_chunk_size, state["vocab_size"], pgs.tp, False)
+    collector = LogProbCollector(log_probs, cp_group=pgs.cp, keep_token_log_probs=args.per_token is not None)
     scored = forward_log_probs([model], [b.to(device) for b in batches], collector, seq_length,
                                args.micro_batch_size)
     reporter = parallel_state.get_tensor_model_parallel_rank() == 0 == parallel_state.get_context_parallel_rank()

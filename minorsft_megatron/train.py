@@ -26,7 +26,7 @@ from minorsft_megatron.data.dataset import BatchSettings, SFTBatches, SFTDataset
 from minorsft_megatron.device import peak_memory_gib, setup_device
 from minorsft_megatron.forward_step import LogProbCollector, SFTLossFunction, forward_backward, reduce_step_metrics
 from minorsft_megatron.metrics_log import MetricsLog
-from minorsft_megatron.model import build_model, unwrap
+from minorsft_megatron.model import build_model, output_log_probs, unwrap
 from minorsft_megatron.reference import CachedReference, ColocatedReference
 
 
@@ -114,7 +114,8 @@ def build_reference(cfg: TrainConfig, policy: Policy, vocab: int, device, pgs, d
         return CachedReference(cfg.reference.cache, dataset.fingerprint, start_id)
     model, _ = build_model(cfg, transformer_engine.role_precision(cfg, "reference"), vocab, device, initialize=False)
     unwrap(model).load_state_dict(unwrap(policy.model).state_dict())  # cast to the reference's dtype
-    collector = LogProbCollector(vocab, tp_group=pgs.tp, cp_group=pgs.cp)
+    log_probs = output_log_probs(model, cfg.loss.logprob_chunk_size, vocab, pgs.tp, cfg.parallel.sp)
+    collector = LogProbCollector(log_probs, cp_group=pgs.cp)
     merge = (cfg.reference.micro_batch_size or cfg.data.micro_batch_size) // cfg.data.micro_batch_size
     return ColocatedReference(model, collector, device, cfg.data.seq_length, cfg.data.micro_batch_size,
                               offload=cfg.reference.offload, merge=merge)
@@ -171,8 +172,8 @@ def setup(cfg: TrainConfig, source: str) -> Run:
     run = Run(cfg, device, pgs, dataset, vocab, batches=None, total_steps=total_steps,
               stop_at=min(total_steps, cfg.stop_at_step or total_steps), policy=policy,
               reference=build_reference(cfg, policy, vocab, device, pgs, dataset, start_id),
-              loss_fn=SFTLossFunction(cfg.loss.name, cfg.loss.beta, vocab_size=vocab, tp_group=pgs.tp,
-                                      cp_group=pgs.cp),
+              loss_fn=SFTLossFunction(cfg.loss.name, cfg.loss.beta, cp_group=pgs.cp, log_probs=output_log_probs(
+                  policy.model, cfg.loss.logprob_chunk_size, vocab, pgs.tp, cfg.parallel.sp)),
               save_dir=cfg.checkpoint.save or os.path.join(cfg.output_dir, "checkpoints"),
               start_id=start_id, hf_origin=hf_origin)
     resumed_from = resume(run)

@@ -24,6 +24,7 @@ from minorsft_megatron.forward_step import (
     forward_log_probs,
     reduce_step_metrics,
 )
+from minorsft_megatron.logprobs import OutputLogProbs
 from minorsft_megatron.model import build_gpt_model, padded_vocab_size
 
 VOCAB = 50  # real vocabulary; padded to 64 at TP = 1 and 2 (divisible_by=32)
@@ -143,7 +144,7 @@ def _full_shape(param, tp_size):
     return shape
 
 
-def build(tp, pp, sp, device, vocab_size=PADDED_VOCAB, seq_length=SEQ):
+def build(tp, pp, sp, device, vocab_size=PADDED_VOCAB, seq_length=SEQ, tied=False):
     config = model_config(tp, pp, sp)
     model = build_gpt_model(
         config,
@@ -151,6 +152,7 @@ def build(tp, pp, sp, device, vocab_size=PADDED_VOCAB, seq_length=SEQ):
         max_sequence_length=seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=tied,
     )
     tp_rank, tp_size = parallel_state.get_tensor_model_parallel_rank(), tp
     with torch.no_grad():
@@ -174,17 +176,17 @@ def one_step(tp, pp, dp, sp, micro_batch_size, loss_name, device_name, ref_from_
     batch = global_batch()
     dp_rank = parallel_state.get_data_parallel_rank()
     batches = micro_batches(batch, dp_rank, dp, micro_batch_size, device)
-    vocab_args = dict(vocab_size=VOCAB, tp_group=pgs.tp, cp_group=pgs.cp)
+    log_probs = OutputLogProbs(VOCAB, pgs.tp)
     last = parallel_state.is_pipeline_last_stage()
     if ref_from_policy:  # the reference is a second model with the same weights, run forward-only
         _, ref_model, _ = build(tp, pp, sp, device)
-        ref_out = forward_log_probs([ref_model], batches, LogProbCollector(**vocab_args), SEQ, micro_batch_size)
+        ref_out = forward_log_probs([ref_model], batches, LogProbCollector(log_probs, pgs.cp), SEQ, micro_batch_size)
         ref_sums = _broadcast_from_last_stage(
             ref_out.logp_sum if last else None, len(batches) * micro_batch_size, device, pgs.pp
         )
         for i, mb in enumerate(batches):
             mb.ref_logp_sum = ref_sums[i * micro_batch_size : (i + 1) * micro_batch_size]
-    loss_fn = SFTLossFunction(loss_name, 0.04, **vocab_args)
+    loss_fn = SFTLossFunction(loss_name, 0.04, log_probs, cp_group=pgs.cp)
     ddp.zero_grad_buffer()
     out = forward_backward([ddp], batches, loss_fn, SEQ, micro_batch_size)
     result = {"grads": full_grads(model, config, pgs.tp, tp), "dp_rank": dp_rank}
@@ -258,7 +260,7 @@ def packed_and_unpacked(tp, device_name, loss_name):
     out = {}
     for name, batch in zip(("unpacked", "packed"), packing_batches(device)):
         config, model, ddp = build(tp, 1, False, device)
-        loss_fn = SFTLossFunction(loss_name, 0.04, vocab_size=VOCAB, tp_group=pgs.tp, cp_group=pgs.cp)
+        loss_fn = SFTLossFunction(loss_name, 0.04, OutputLogProbs(VOCAB, pgs.tp), cp_group=pgs.cp)
         ddp.zero_grad_buffer()
         stats = forward_backward([ddp], [batch], loss_fn, SEQ, batch.tokens.size(0))
         logp_sum, num_tokens = collect_logp_sums(stats)
@@ -284,7 +286,7 @@ def dataset_padded_and_packed(prefix, seq_length, vocab_size, device_name):
             mb.ref_logp_sum = -5.0 - (mb.sample_index % 7).float()
         batches = [mb.to(device) for mb in batches]
         config, model, ddp = build(1, 1, False, device, padded_vocab_size(vocab_size, 1), seq_length)
-        loss_fn = SFTLossFunction("minor_sft", 0.04, vocab_size=vocab_size, tp_group=pgs.tp, cp_group=pgs.cp)
+        loss_fn = SFTLossFunction("minor_sft", 0.04, OutputLogProbs(vocab_size, pgs.tp), cp_group=pgs.cp)
         ddp.zero_grad_buffer()
         stats = forward_backward([ddp], batches, loss_fn, seq_length, mbs)
         logp_sum, num_tokens = collect_logp_sums(stats)

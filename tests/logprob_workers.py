@@ -8,7 +8,7 @@ from minorsft_megatron import parallel
 from minorsft_megatron.device import setup_device
 from minorsft_megatron.data.batch import SFTBatch
 from minorsft_megatron.forward_step import SFTLossFunction
-from minorsft_megatron.logprobs import context_parallel_sum, sequence_sums, vocab_parallel_log_probs
+from minorsft_megatron.logprobs import OutputLogProbs, context_parallel_sum, sequence_sums, vocab_parallel_log_probs
 
 
 def vocab_parallel(tp: int, device_name: str, logits: torch.Tensor, labels, upstream, vocab_size, dtype):
@@ -37,7 +37,7 @@ def context_parallel(cp: int, device_name: str, batch: dict, logits: torch.Tenso
     local = {k: (v[:, positions] if k != "ref_logp_sum" else v).to(device) for k, v in batch.items()}
     local_logits = logits[:, positions].to(device).requires_grad_()  # [b, s/cp, V]
     mb = SFTBatch(position_ids=None, **local)
-    loss_fn = SFTLossFunction(loss, 0.04, vocab_size=logits.size(-1), tp_group=pgs.tp, cp_group=pgs.cp)
+    loss_fn = SFTLossFunction(loss, 0.04, OutputLogProbs(logits.size(-1), pgs.tp), cp_group=pgs.cp)
     loss_sum, denominator, stats = loss_fn(mb, local_logits)
     loss_sum.backward()
     plain_sums = context_parallel_sum(

@@ -1,12 +1,15 @@
 """Context parallelism and THD packing through the real forward step, on CPU.
 
-The model is a stand-in whose logits at each position depend only on that position's token (a learnable
-[V, V] table; no attention, so CPU processes can run what on GPUs needs Transformer Engine's attention). Every
-other part is the package's and megatron-core's own: the micro-batch builders, the context-parallel split
-inside the forward step, the loss function, megatron-core's schedule, DDP and finalize_model_grads. At CP = 1
-and CP = 2, rows and THD, the per-sample sums, counts, losses and gradients must equal a float64 computation
-written here.
+The model is a stand-in whose logits at each position depend only on that position's token: a learnable [V, V]
+table gives each token's hidden state, and a learnable output weight [V, V] its logits (no attention, so CPU
+processes can run what on GPUs needs Transformer Engine's attention). It returns the logits, or (fused) the
+hidden states for the package's chunked output layer + log-probs. Every other part is the package's and
+megatron-core's own: the micro-batch builders, the context-parallel split inside the forward step, the loss
+function, megatron-core's schedule, DDP and finalize_model_grads. At CP = 1 and CP = 2, rows and THD, logits and
+fused, the per-sample sums, counts, losses and gradients must equal a float64 computation written here.
 """
+
+import itertools
 
 import numpy as np
 import pytest
@@ -47,14 +50,15 @@ class Samples:
         return self._masks[int(i)]
 
 
-def expected(samples: Samples, table: torch.Tensor, loss: str):
-    """float64: per-sample answer log-prob sums and counts, the loss over all samples, d loss / d table."""
+def expected(samples: Samples, table: torch.Tensor, out: torch.Tensor, loss: str):
+    """float64: per-sample answer log-prob sums and counts, the loss over all samples, d loss / d (table, out)."""
     table = table.double().clone().requires_grad_()
+    out = out.double().clone().requires_grad_()
     sums, counts = [], []
     for i in range(len(samples)):
         ids = torch.from_numpy(samples.tokens(i))
         mask = torch.from_numpy(samples.answer_mask(i)[1:].astype(np.float64))
-        logp = table[ids[:-1]].log_softmax(-1).gather(-1, ids[1:, None])[:, 0]
+        logp = (table[ids[:-1]] @ out.t()).log_softmax(-1).gather(-1, ids[1:, None])[:, 0]
         sums.append((logp * mask).sum())
         counts.append(int(mask.sum()))
     logp_sum, m = torch.stack(sums), torch.tensor(counts, dtype=torch.float64)
@@ -66,7 +70,7 @@ def expected(samples: Samples, table: torch.Tensor, loss: str):
         weight = 2 * torch.sigmoid(-BETA * (logp_sum.detach() - ref))
         value = -(weight * logp_sum / m.clamp(min=1))[valid].mean()
     value.backward()
-    return logp_sum.detach(), torch.tensor(counts), value.detach(), table.grad
+    return logp_sum.detach(), torch.tensor(counts), value.detach(), table.grad, out.grad
 
 
 def micro_batches(samples: Samples, layout: str, cp: int):
@@ -83,8 +87,9 @@ def micro_batches(samples: Samples, layout: str, cp: int):
     return batches
 
 
-def cp_steps(cp: int, table: torch.Tensor) -> dict:
-    """{(layout, loss): one forward-backward of `loss` over all samples at this CP size and layout}."""
+def cp_steps(cp: int, table: torch.Tensor, out: torch.Tensor) -> dict:
+    """{(layout, head, loss): one forward-backward of `loss` over all samples at this CP size and layout, the
+    log-probs from the stand-in's logits or fused from its hidden states (3 positions a time)."""
     import torch.nn.functional as F
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.transformer import TransformerConfig
@@ -93,6 +98,7 @@ def cp_steps(cp: int, table: torch.Tensor) -> dict:
     from minorsft_megatron import parallel
     from minorsft_megatron.device import setup_device
     from minorsft_megatron.forward_step import SFTLossFunction, forward_backward, reduce_step_metrics
+    from minorsft_megatron.logprobs import OutputLogProbs
 
     from megatron.core.enums import ModelType
 
@@ -101,12 +107,15 @@ def cp_steps(cp: int, table: torch.Tensor) -> dict:
             super().__init__(config)
             self.model_type = ModelType.encoder_or_decoder
             self.table = torch.nn.Parameter(table.clone())
+            self.out = torch.nn.Parameter(out.clone())
+            self.hidden_states_out = False
 
         def set_input_tensor(self, tensor):
             pass
 
         def forward(self, tokens, position_ids, attention_mask, packed_seq_params=None):
-            return self.table[tokens]  # [b, s, V]: each position from its own token
+            hidden = self.table[tokens]  # [b, s, V]: each position from its own token
+            return hidden if self.hidden_states_out else hidden @ self.out.t()
 
     device = setup_device("cpu")
     pgs = parallel.initialize(device, cp=cp)
@@ -115,35 +124,43 @@ def cp_steps(cp: int, table: torch.Tensor) -> dict:
     config.finalize_model_grads_func = finalize_model_grads
     model = TokenTable(config)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=False), model)
-    out = {}
-    for layout in ("rows", "thd"):
+    heads = {"logits": OutputLogProbs(VOCAB, pgs.tp),
+             "fused": OutputLogProbs(VOCAB, pgs.tp, chunk_size=3, weight=lambda: model.out)}
+    results = {}
+    for (layout, head), loss in itertools.product(itertools.product(("rows", "thd"), heads), LOSSES):
+        model.hidden_states_out = head == "fused"
         batches = micro_batches(Samples(), layout, cp)
-        for loss in LOSSES:
-            loss_fn = SFTLossFunction(loss, BETA, vocab_size=VOCAB, tp_group=pgs.tp, cp_group=pgs.cp)
-            ddp.zero_grad_buffer()
-            stats = forward_backward([ddp], batches, loss_fn, batches[0].tokens.size(1), batches[0].tokens.size(0))
-            metrics = reduce_step_metrics(stats, pgs.dp_cp, has_reference=True)
-            out[layout, loss] = {"logp_sum": torch.cat([d["logp_sum"] for d in stats]),
-                                 "num_answer_tokens": torch.cat([d["num_answer_tokens"] for d in stats]),
-                                 "loss": metrics["loss"], "grad": model.table.main_grad.clone()}
-    return out
+        loss_fn = SFTLossFunction(loss, BETA, heads[head], cp_group=pgs.cp)
+        ddp.zero_grad_buffer()
+        stats = forward_backward([ddp], batches, loss_fn, batches[0].tokens.size(1), batches[0].tokens.size(0))
+        metrics = reduce_step_metrics(stats, pgs.dp_cp, has_reference=True)
+        results[layout, head, loss] = {"logp_sum": torch.cat([d["logp_sum"] for d in stats]),
+                                       "num_answer_tokens": torch.cat([d["num_answer_tokens"] for d in stats]),
+                                       "loss": metrics["loss"], "grad": model.table.main_grad.clone(),
+                                       "out_grad": model.out.main_grad.clone()}
+    return results
 
 
 @pytest.mark.parametrize("cp", [1, 2])
 def test_context_parallel_forward_step_equals_float64(tmp_path, cp):
-    """Rows and THD micro-batches, sft and minor_sft, every CP rank: the float64 sums, counts, loss, gradient."""
-    table = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    ranks = spawn(cp, cp_steps, cp, table, out_dir=tmp_path)
+    """Rows and THD micro-batches, logits and fused log-probs, sft and minor_sft, every CP rank: the float64 sums,
+    counts, loss and gradients of both parameters."""
+    gen = torch.Generator().manual_seed(5)
+    table = torch.randn(VOCAB, VOCAB, generator=gen, dtype=torch.float64)
+    out = torch.randn(VOCAB, VOCAB, generator=gen, dtype=torch.float64) * 0.5
+    ranks = spawn(cp, cp_steps, cp, table, out, out_dir=tmp_path)
     for loss in LOSSES:
-        want_sums, want_counts, want_loss, want_grad = expected(Samples(), table, loss)
+        want_sums, want_counts, want_loss, want_grad, want_out_grad = expected(Samples(), table, out, loss)
         for rank in ranks:
-            for layout in ("rows", "thd"):
-                got = rank[layout, loss]
-                assert torch.equal(got["num_answer_tokens"], want_counts), (layout, loss)
+            for (layout, head, name), got in rank.items():
+                if name != loss:
+                    continue
+                assert torch.equal(got["num_answer_tokens"], want_counts), (layout, head, loss)
                 torch.testing.assert_close(got["logp_sum"], want_sums, rtol=1e-12, atol=1e-12)
                 torch.testing.assert_close(got["loss"], want_loss, rtol=1e-12, atol=1e-12)
                 # megatron-core divides gradients by the global denominator as a float32 1 / N: 6e-8 relative at most
                 torch.testing.assert_close(got["grad"], want_grad, rtol=1e-7, atol=1e-12)
+                torch.testing.assert_close(got["out_grad"], want_out_grad, rtol=1e-7, atol=1e-12)
 
 
 def test_thd_micro_batch_against_each_sample():

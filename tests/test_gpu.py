@@ -89,7 +89,7 @@ def thd_against_rows(megatron_dir, prefix):
     from minorsft_megatron.data.dataset import SFTDataset
     from minorsft_megatron.device import setup_device
     from minorsft_megatron.forward_step import LogProbCollector, forward_log_probs
-    from minorsft_megatron.model import build_model
+    from minorsft_megatron.model import build_model, output_log_probs
     from minorsft_megatron.transformer_engine import RolePrecision
 
     device = setup_device("cuda")
@@ -102,7 +102,8 @@ def thd_against_rows(megatron_dir, prefix):
     model.eval()
     dataset = SFTDataset(prefix)
     groups = [list(range(i, min(i + 8, 64))) for i in range(0, 64, 8)]
-    collector = LogProbCollector(state["vocab_size"], tp_group=pgs.tp, cp_group=pgs.cp)
+    collector = LogProbCollector(output_log_probs(model, cfg.loss.logprob_chunk_size, state["vocab_size"], pgs.tp,
+                                                  False), cp_group=pgs.cp)
     rows = [padded_micro_batch(dataset, g, 128).to(device) for g in groups]
     thd = [thd_micro_batch(dataset, g, 2, 16).to(device) for g in groups]
     return {"rows": forward_log_probs([model], rows, collector, 128, 8),

@@ -32,7 +32,7 @@ def megatron_gradients(ckpt: str, tp: int, pp: int, batch: dict) -> dict:
     from minorsft_megatron.config import ParallelConfig, TrainConfig, from_dict
     from minorsft_megatron.device import setup_device
     from minorsft_megatron.forward_step import SFTLossFunction, forward_backward
-    from minorsft_megatron.model import build_model
+    from minorsft_megatron.model import build_model, output_log_probs
     from minorsft_megatron.transformer_engine import RolePrecision
     from tests.gpt_workers import full_grads, micro_batches
 
@@ -43,13 +43,15 @@ def megatron_gradients(ckpt: str, tp: int, pp: int, batch: dict) -> dict:
     cfg.parallel = ParallelConfig(tp=tp, pp=pp)
     model, config = build_model(cfg, RolePrecision("fp32"), state["vocab_size"], device, initialize=False)
     checkpoint.load(ckpt, model)
+    # the default: output layer and log-probs fused, chunk by chunk
+    log_probs = output_log_probs(model, cfg.loss.logprob_chunk_size, state["vocab_size"], pgs.tp, False)
     config.finalize_model_grads_func = finalize_model_grads
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     batches = micro_batches(batch, 0, 1, MICRO_BATCH, device)
     out = {"last_stage": parallel_state.is_pipeline_last_stage()}
     for loss in LOSSES:
         ddp.zero_grad_buffer()
-        loss_fn = SFTLossFunction(loss, BETA, vocab_size=state["vocab_size"], tp_group=pgs.tp, cp_group=pgs.cp)
+        loss_fn = SFTLossFunction(loss, BETA, log_probs, cp_group=pgs.cp)
         forward_backward([ddp], batches, loss_fn, SEQ, MICRO_BATCH)
         out[loss] = full_grads(model, config, pgs.tp, tp)
     return out

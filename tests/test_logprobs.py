@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minorsft_megatron.data.batch import sample_ids
-from minorsft_megatron.logprobs import sequence_sums, vocab_parallel_log_probs
+from minorsft_megatron.logprobs import OutputLogProbs, sequence_sums, vocab_parallel_log_probs
 from minorsft_megatron.model import padded_vocab_size
 from tests.distributed import spawn
 from tests.logprob_workers import context_parallel, vocab_parallel
@@ -147,7 +147,7 @@ def test_context_parallel_sums_and_gradients(tmp_path, device, loss):
     # Unsplit float64 reference through the same loss function, single process.
     ref_logits = logits.clone().requires_grad_()
     ref_batch = SFTBatch(position_ids=None, **{k: (x.double() if x.is_floating_point() else x) for k, x in batch.items()})
-    ref_loss, ref_den, ref_stats = SFTLossFunction(loss, 0.04, vocab_size=v)(ref_batch, ref_logits)
+    ref_loss, ref_den, ref_stats = SFTLossFunction(loss, 0.04, OutputLogProbs(v))(ref_batch, ref_logits)
     ref_loss.backward()
 
     results = spawn(2, context_parallel, 2, worker_device(device, 2), batch, logits.float(), loss, out_dir=tmp_path)

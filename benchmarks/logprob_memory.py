@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Peak memory and time of one forward-backward of the loss path, output layer included, from the final hidden
+states `[s, 1, h]` (bf16) and an output weight `[V, h]` (bf16) to the summed answer log-probs:
+
+- today (before the fused op): the output layer's logits `[s, 1, V]`, GPTModel's transposed copy `[1, s, V]`,
+  Float16Module's fp32 upcast, then `vocab_parallel_log_probs` (fp32 math, fp32 softmax kept for backward);
+- unfused: the same without Float16Module's fp32 copy (`fp32_output=False`: what `loss.logprob_chunk_size: 0`
+  runs now);
+- fused: `fused_log_probs`, `--chunk-size` positions of logits at a time (the default path).
+
+    python benchmarks/logprob_memory.py [--vocab 152064 128256] [--seq 4096 8192] [--hidden 1024]
+                                        [--chunk-size 256] [--device cpu|cuda]
+
+Each measurement runs in a fresh process: on CPU the peak resident-set growth over the inputs (ru_maxrss, glibc's
+mmap threshold fixed so that freed tensors are given back), on a GPU the allocator's peak over the inputs. As in
+training, the weight's fp32 `main_grad` exists beforehand (megatron-core's DistributedDataParallel): today's and
+the unfused path add their bf16 weight gradient into it as DDP's hook does, the fused op adds into it directly.
+The time is the forward-backward's wall time. The last line is `V=152064 s=4096: peak_memory_ratio=R
+time_ratio=T` (fused over today's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+PATHS = ("today", "unfused", "fused")
+
+
+def loss_path(path: str, hidden, weight, labels, vocab: int, chunk: int):
+    import torch
+
+    from minorsft_megatron.logprobs import fused_log_probs, vocab_parallel_log_probs
+
+    if path == "fused":
+        return fused_log_probs(hidden.transpose(0, 1), weight, labels, vocab, chunk_size=chunk).sum()
+    logits = torch.nn.functional.linear(hidden, weight)  # [s, 1, V] the output layer, bf16
+    logits = logits.transpose(0, 1).contiguous()  # [1, s, V] GPTModel's output
+    if path == "today":
+        logits = logits.float()  # Float16Module's fp32 output
+    return vocab_parallel_log_probs(logits, labels, vocab).sum()
+
+
+def _ddp_hook(param) -> None:
+    """What megatron-core's DDP does once a parameter's gradient is ready: add it into main_grad, unless the
+    layer already did (grad_added_to_main_grad), and drop it."""
+    if not param.grad_added_to_main_grad:
+        param.main_grad.add_(param.grad)
+    param.grad = None
+
+
+def measure(path: str, vocab: int, seq: int, hidden_size: int, chunk: int, device_name: str) -> dict:
+    """One forward-backward in this process: peak memory over the inputs (GiB) and seconds."""
+    import psutil
+    import torch
+
+    from minorsft_megatron.convert import allocate_large_tensors_with_mmap
+
+    allocate_large_tensors_with_mmap()
+    torch.manual_seed(0)
+    device = torch.device(device_name)
+    hidden = torch.empty(seq, 1, hidden_size, dtype=torch.bfloat16, device=device).normal_().requires_grad_()
+    weight = torch.empty(vocab, hidden_size, dtype=torch.bfloat16, device=device).normal_(0, 0.02)
+    weight.requires_grad_()
+    weight.main_grad = torch.zeros(vocab, hidden_size, dtype=torch.float32, device=device)  # DDP's buffer
+    weight.grad_added_to_main_grad = False
+    weight.register_post_accumulate_grad_hook(_ddp_hook)
+    labels = torch.randint(0, vocab, (1, seq), device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    loss_path(path, hidden, weight, labels, vocab, chunk).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # ru_maxrss is in KiB
+    return {"peak_gib": peak / 2**30, "seconds": time.perf_counter() - start}
+
+
+def run_child(path, vocab, seq, hidden_size, chunk, device) -> dict:
+    args = [sys.executable, __file__, "--child", path, "--vocab", str(vocab), "--seq", str(seq), "--hidden",
+            str(hidden_size), "--chunk-size", str(chunk), "--device", device]
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode:
+        tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        return {"error": tail[0]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, nargs="+", default=[152064, 128256])
+    p.add_argument("--seq", type=int, nargs="+", default=[4096, 8192])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--chunk-size", type=int, default=256, help="as loss.logprob_chunk_size (default 256)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    p.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+        print(json.dumps(measure(args.child, args.vocab[0], args.seq[0], args.hidden, args.chunk_size, args.device)))
+        return 0
+    print(f"hidden {args.hidden}, chunk {args.chunk_size} positions, {args.device}; peak memory over the inputs")
+    print("| V | s | path | peak (GiB) | seconds | peak / today | time / today |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    ratios = {}
+    for vocab in args.vocab:
+        for seq in args.seq:
+            rows = {path: run_child(path, vocab, seq, args.hidden, args.chunk_size, args.device) for path in args.paths}
+            today = rows.get("today", {})
+            for path, r in rows.items():
+                if "error" in r:
+                    print(f"| {vocab} | {seq} | {path} | failed: {r['error']} | | | |")
+                    continue
+                rel = (f"{r['peak_gib'] / today['peak_gib']:.3f} | {r['seconds'] / today['seconds']:.3f}"
+                       if "peak_gib" in today else "- | -")
+                print(f"| {vocab} | {seq} | {path} | {r['peak_gib']:.2f} | {r['seconds']:.2f} | {rel} |", flush=True)
+            if "peak_gib" in today and "peak_gib" in rows.get("fused", {}):
+                ratios[vocab, seq] = (rows["fused"]["peak_gib"] / today["peak_gib"],
+                                      rows["fused"]["seconds"] / today["seconds"])
+    if (152064, 4096) in ratios:
+        r, t = ratios[152064, 4096]
+        print(f"V=152064 s=4096: peak_memory_ratio={r:.3f} time_ratio={t:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
