@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launch training (or another module) on one node or several with torchrun.
+# Launch training (or another module) on one node or several with torchrun (quiet: minorsft_megatron.launch).
 #
 #   launch/torchrun.sh CONFIG.yaml [key=value ...]
 #
@@ -26,11 +26,10 @@ MODULE=${MODULE:-minorsft_megatron.train}
 if [[ -z "${GPUS_PER_NODE:-}" ]]; then
     GPUS_PER_NODE=$(python -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
-if [[ "$MODULE" == minorsft_megatron.train && -z "${DRY_RUN:-}" ]]; then
-    python -m minorsft_megatron.config --config "$CONFIG" "$@"   # one-line errors before any process starts
-fi
-CMD=(torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE"
-     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
+# torchrun with one line per error (minorsft_megatron/launch.py): the training config, world size included, is
+# checked before any process starts, and a rank's one-line error is not followed by torchrun's traceback.
+CMD=(python -m minorsft_megatron.launch --nnodes "$NNODES" --node-rank "$NODE_RANK"
+     --nproc-per-node "$GPUS_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
      -m "$MODULE" --config "$CONFIG" "$@")
 if [[ -n "${DRY_RUN:-}" ]]; then
     echo "${CMD[@]}"

@@ -12,17 +12,23 @@ complete and selected; the stale `.tmp` is removed by the next save.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
+import signal
+import threading
 import uuid
 
 import torch
 import torch.distributed as dist
 
+from minorsft_megatron.errors import UserError
+
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint path that holds no usable checkpoint; one line naming it."""
 
 
@@ -47,6 +53,81 @@ def resolve(path: str) -> str:
     return selected
 
 
+def latest(save_dir: str) -> str | None:
+    """The complete checkpoint the tracker of `save_dir` selects, or None (no tracker, or a broken one)."""
+    try:
+        return resolve(save_dir) if has_checkpoint(save_dir) else None
+    except CheckpointError:
+        return None
+
+
+def check_save_dir(save_dir: str) -> None:
+    """Refuse a save directory holding checkpoints but no tracker: resuming would be impossible and a fresh run
+    would overwrite them."""
+    if not os.path.isdir(save_dir) or has_checkpoint(save_dir):
+        return
+    found = sorted(n for n in os.listdir(save_dir) if n.startswith("iter_") and n[5:].isdigit())
+    if found:
+        raise CheckpointError(
+            f"{save_dir}: holds {', '.join(found)} but no {TRACKER}; write the iteration to resume from into it "
+            f"(e.g. {int(found[-1][5:])}), or choose another checkpoint.save")
+
+
+def _read_failures() -> tuple:
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    return (Exception, CheckpointException)
+
+
+READ_FAILURES = _read_failures()
+"""What reading or writing a checkpoint can raise from deep inside torch and megatron-core."""
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C during a save takes effect once the save is written (the writer processes megatron-core forks keep
+    this handler, so they finish too instead of printing tracebacks)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _without_torch_metadata_fallback_notes():
+    """torch's loader logs a traceback on the root logger when .metadata is missing, before it fails; the failure
+    itself is reported (one line, with that reason)."""
+    def drop(record):
+        return record.module != "state_dict_loader"
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def _first_line(err: BaseException) -> str:
+    """`Type: first line` of an error, looking through torch's CheckpointException to the first rank's error."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        err = next(iter(failures.values()))[0]  # (exception, traceback) per rank
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _damaged(path: str, err: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path}: cannot be read, the checkpoint is damaged or incomplete ({_first_line(err)})")
+
+
 def has_checkpoint(path: str | None) -> bool:
     return path is not None and os.path.isfile(os.path.join(path, TRACKER))
 
@@ -57,9 +138,13 @@ def read_state(path: str) -> dict:
 
     from megatron.core import dist_checkpointing
 
-    with warnings.catch_warnings():  # read by one process on purpose (torch warns when no process group exists)
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        common = dist_checkpointing.load_common_state_dict(resolve(path))
+    directory = resolve(path)
+    try:
+        with warnings.catch_warnings():  # read by one process on purpose (torch warns without a process group)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            common = dist_checkpointing.load_common_state_dict(directory)
+    except READ_FAILURES as err:  # a damaged file fails in many ways, deep inside torch
+        raise _damaged(directory, err) from err
     if "state" not in common:
         raise CheckpointError(f"{path}: not a minorsft-megatron checkpoint (no 'state' entry)")
     return common["state"]
@@ -119,9 +204,16 @@ def save(save_dir: str, iteration: int, model, optimizer, state: dict, keep: int
     entries = _model_and_optimizer(model, optimizer, loading=False, optimizer_sharding=optimizer_sharding)
     entries["state"] = dict(state, checkpoint_id=new_checkpoint_id(), iteration=iteration,
                             optimizer_sharding=optimizer_sharding)
-    dist_checkpointing.save(entries, tmp)
-    os.makedirs(os.path.dirname(_rank_file(tmp)), exist_ok=True)
-    torch.save(rng_state(), _rank_file(tmp))
+    try:
+        with _interrupts_deferred():
+            dist_checkpointing.save(entries, tmp)
+            os.makedirs(os.path.dirname(_rank_file(tmp)), exist_ok=True)
+            torch.save(rng_state(), _rank_file(tmp))
+    except READ_FAILURES as err:  # disk full, a vanished directory: one line, the previous checkpoint kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest(save_dir)
+        raise CheckpointError(f"{save_dir}: saving iteration {iteration} failed ({_first_line(err)}); "
+                              + (f"{kept} stays the latest complete checkpoint" if kept else "nothing was saved"))
     dist.barrier()
     if dist.get_rank() == 0:
         _commit(tmp, final, save_dir, iteration)
@@ -159,7 +251,11 @@ def load(path: str, model, optimizer=None, layout: dict | None = None) -> dict:
     state = read_state(directory)
     entries = _model_and_optimizer(model, optimizer, loading=True,
                                    optimizer_sharding=state.get("optimizer_sharding"))
-    loaded = dist_checkpointing.load(entries, directory)
+    try:
+        with _without_torch_metadata_fallback_notes():
+            loaded = dist_checkpointing.load(entries, directory)
+    except READ_FAILURES as err:  # a damaged file fails in many ways, deep inside torch
+        raise _damaged(directory, err) from err
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])

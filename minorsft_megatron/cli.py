@@ -3,21 +3,33 @@ single process, and user errors as one line on stderr with exit status 2."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 import torch.distributed as dist
 
 from minorsft_megatron import parallel
-from minorsft_megatron.checkpoint import CheckpointError
-from minorsft_megatron.compat import MegatronVersionError, check_megatron_version
-from minorsft_megatron.config import ConfigError
-from minorsft_megatron.data.dataset import DataError
-from minorsft_megatron.reference_cache import ReferenceCacheError
+from minorsft_megatron.compat import check_megatron_version
+from minorsft_megatron.errors import UserError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ReferenceCacheError, parallel.LayoutError,
-               MegatronVersionError)
-"""What a user's input can cause: reported in one line, never as a traceback."""
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (a UserError, reported by run_main); usage with --help only."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def set_single_process_defaults() -> None:
@@ -29,20 +41,40 @@ def set_single_process_defaults() -> None:
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
 
 
-def run_main(job, extra_errors: tuple = ()) -> int:
-    """Run `job()` as a command: user errors are one line on stderr (rank 0) and exit status 2."""
+def run_main(job) -> int:
+    """Run `job()` as a command: a user error (errors.UserError) is one line on stderr from rank 0 and exit status
+    2; Ctrl-C is one line and status 130. Under torchrun, this rank dies with its launcher."""
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
     set_single_process_defaults()
+    die_with_launcher()
     try:
         check_megatron_version()
         job()
-    except USER_ERRORS + extra_errors as err:
+    except UserError as err:
         if os.environ["RANK"] == "0":
             print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ["RANK"] == "0":
+            print("error: interrupted", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             parallel.destroy()
     return 0
+
+
+def die_with_launcher() -> None:
+    """Under torchrun, have the kernel end this rank when the launcher dies (SIGKILL of the agent would otherwise
+    leave the ranks training on, unsupervised). Linux only; elsewhere nothing."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -16,14 +16,26 @@ without them; with TE its FusedAdam keeps the step in param_groups and none of t
    -> give each parameter its own step tensor at the saved step.
 3. `_set_main_param_and_optimizer_states` copies every key of the parameter's optimizer state from the
    checkpoint, which (fully_reshardable) holds no `step`: KeyError. -> copy the other keys.
+
+megatron-core's checkpoint writer starts a multiprocessing Manager (a spawned server process) at a process's first
+save (`_get_write_results_queue` in 0.16, `get_write_results_queue` in 0.19). A terminal's Ctrl-C reaches it too,
+and it prints a KeyboardInterrupt traceback. -> start it with SIGINT ignored (kept across its exec), so that the
+ranks alone report the interrupt; the rank ignores SIGINT only during the fork-exec itself, not while the server
+starts up (a rank that lost the signal then would wait at the next barrier for a peer that has gone).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
+import multiprocessing.util
+import signal
+import threading
 
 import torch
+
+from minorsft_megatron.errors import UserError
 
 _applied = False
 SUPPORTED = ((0, 16, 1), (0, 16, 99)), ((0, 19, 0), (0, 19, 99))
@@ -37,7 +49,7 @@ QUIET_FROM_0_19 = {
 }
 
 
-class MegatronVersionError(ValueError):
+class MegatronVersionError(UserError):
     """The installed megatron-core is not one this package supports; one line saying which to install."""
 
 
@@ -113,6 +125,41 @@ def _quiet(logger_name: str, prefix: str) -> None:
     logging.getLogger(logger_name).addFilter(lambda record: not record.getMessage().startswith(prefix))
 
 
+def _spawned_without_sigint(start):
+    """`start`, with every process multiprocessing spawns meanwhile started with SIGINT ignored: only the
+    fork-exec itself runs with SIGINT ignored here, so an interrupt arriving while the child starts up is kept."""
+    @functools.wraps(start)
+    def wrapped(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return start(*args, **kwargs)
+        spawn = multiprocessing.util.spawnv_passfds
+        multiprocessing.util.spawnv_passfds = _sigint_ignored(spawn)
+        try:
+            return start(*args, **kwargs)
+        finally:
+            multiprocessing.util.spawnv_passfds = spawn
+
+    return wrapped
+
+
+def _sigint_ignored(call):
+    @functools.wraps(call)
+    def wrapped(*args, **kwargs):
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return call(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    return wrapped
+
+
+def _quiet_checkpoint_writer_manager() -> None:
+    writer = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    name = "get_write_results_queue" if hasattr(writer, "get_write_results_queue") else "_get_write_results_queue"
+    setattr(writer, name, _spawned_without_sigint(getattr(writer, name)))
+
+
 def apply() -> None:
     """Check the version, then install the workarounds above into megatron-core (once per process)."""
     global _applied
@@ -127,4 +174,5 @@ def apply() -> None:
     D.sharded_state_dict = _allocating_adam_state(D.sharded_state_dict)
     D.load_state_dict = _restoring_adam_steps(D.load_state_dict)
     D._set_main_param_and_optimizer_states = _skipping_adam_step(D._set_main_param_and_optimizer_states)
+    _quiet_checkpoint_writer_manager()
     _applied = True

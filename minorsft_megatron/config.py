@@ -8,6 +8,7 @@ dropout 0 - dropout is not configurable: fine-tuning here always runs without it
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -16,13 +17,14 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from minorsft_megatron.errors import UserError
 from minorsft_megatron.loss import LOSSES
 
 DTYPES = ("bf16", "fp16", "fp32")
 OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config problem, one line: FILE: key: what is wrong."""
 
 
@@ -162,6 +164,9 @@ class CheckpointConfig:
     """Resume from here; None: resume from `save` when it holds a checkpoint."""
     interval: int = 0
     """Save every N steps (0: only at the end)."""
+    override_schedule: bool = False
+    """On resume, recompute the learning-rate schedule from this config (lr, min_lr, warmup_ratio, decay,
+    weight_decay, train_steps) where it differs from the checkpoint's; without it such a resume is refused."""
     keep: int | None = None
     """Keep the newest N checkpoints (None: all)."""
     optimizer_sharding: str = "dp_reshardable"
@@ -223,12 +228,37 @@ def _check_value(value, tp, where: str):
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), where)
         if option is float and isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string; users mean a number
+            return _finite(float(value), where)  # YAML 1.1 reads 1e-5 (no dot) as a string; users mean a number
         if option is str and isinstance(value, str):
             return value
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _finite(value: float, where: str) -> float:
+    if not math.isfinite(value):  # YAML's .inf and .nan, 1e400
+        raise ConfigError(f"{where}: must be a finite number, got {value}")
+    return value
+
+
+class Source(str):
+    """The config file's path (what messages name), knowing which dotted keys command-line overrides set."""
+
+    def __new__(cls, path: str, overridden: set[str] = frozenset()):
+        source = super().__new__(cls, path)
+        source.overridden = set(overridden)
+        return source
+
+    @classmethod
+    def of(cls, path: str, overrides) -> "Source":
+        """The source of a config read from `path` with `key=value` `overrides`."""
+        return cls(path, {override.split("=", 1)[0] for override in overrides})
+
+
+def _where(source, key: str) -> str:
+    """`FILE: key`, or `command line: key` when an override set it."""
+    return f"command line: {key}" if key in getattr(source, "overridden", ()) else f"{source}: {key}"
 
 
 def from_dict(cls, data, source: str, prefix: str = ""):
@@ -240,14 +270,14 @@ def from_dict(cls, data, source: str, prefix: str = ""):
     known = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in known:
-            raise ConfigError(f"{source}: {prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{_where(source, prefix + key)}: unknown key (known: {', '.join(sorted(known))})")
     values = {}
     for key, value in data.items():
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             values[key] = from_dict(tp, value, source, f"{prefix}{key}.")
         else:
-            values[key] = _check_value(value, tp, f"{source}: {prefix}{key}")
+            values[key] = _check_value(value, tp, _where(source, f"{prefix}{key}"))
     return cls(**values)
 
 
@@ -282,6 +312,7 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
         raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}")
     for override in overrides:
         apply_override(data, override)
+    path = Source.of(path, overrides)
     config = from_dict(TrainConfig, data, path)
     if config.checkpoint.init is not None and os.path.isdir(config.checkpoint.init):
         from minorsft_megatron.checkpoint import CheckpointError, read_state
@@ -316,7 +347,7 @@ def to_dict(config) -> dict:
 
 def _require(ok: bool, source: str, key: str, message: str) -> None:
     if not ok:
-        raise ConfigError(f"{source}: {key}: {message}")
+        raise ConfigError(f"{_where(source, key)}: {message}")
 
 
 def _choice(value, choices, source, key):
@@ -331,6 +362,11 @@ def _validate_model(c: TrainConfig, source: str) -> None:
              "model.num_attention_heads", f"must divide hidden_size {m.hidden_size} (or set model.kv_channels)")
     _require(m.num_attention_heads % _query_groups(m) == 0, source, "model.num_query_groups",
              f"must divide num_attention_heads {m.num_attention_heads}")
+    _require(m.rotary_base > 0, source, "model.rotary_base", "must be positive")
+    _require(m.rope_scaling_factor is None or m.rope_scaling_factor >= 1, source, "model.rope_scaling_factor",
+             "must be at least 1 (or null)")
+    _require(m.norm_epsilon > 0, source, "model.norm_epsilon", "must be positive")
+    _require(m.init_method_std > 0, source, "model.init_method_std", "must be positive")
     _choice(m.normalization, ("RMSNorm", "LayerNorm"), source, "model.normalization")
     _choice(m.activation, ("swiglu", "gelu"), source, "model.activation")
     _choice(m.spec, ("auto", "local", "te"), source, "model.spec")
@@ -369,6 +405,10 @@ def _validate_optimizer(c: TrainConfig, source: str) -> None:
     _require(0 <= o.warmup_ratio < 1, source, "optimizer.warmup_ratio", "must be in [0, 1)")
     _choice(o.decay, ("linear", "cosine"), source, "optimizer.decay")
     _require(o.clip_grad >= 0, source, "optimizer.clip_grad", "must be >= 0")
+    _require(o.weight_decay >= 0, source, "optimizer.weight_decay", "must be >= 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        _require(0 <= getattr(o, key) < 1, source, f"optimizer.{key}", "must be in [0, 1)")
+    _require(o.adam_eps > 0, source, "optimizer.adam_eps", "must be positive")
 
 
 def _validate_data(c: TrainConfig, source: str) -> None:
@@ -431,6 +471,9 @@ def _validate_checkpoint_and_run(c: TrainConfig, source: str) -> None:
     _require(c.train_steps is None or c.train_steps >= 1, source, "train_steps", "must be at least 1")
     _require(c.stop_at_step is None or c.stop_at_step >= 1, source, "stop_at_step", "must be at least 1")
     _choice(c.device, (None, "cuda", "cpu"), source, "device")
+    _require(bool(c.output_dir), source, "output_dir", "is required")
+    _require(not os.path.isfile(c.output_dir), source, "output_dir", f"{c.output_dir} is a file")
+    _require(ck.save is None or not os.path.isfile(ck.save), source, "checkpoint.save", f"{ck.save} is a file")
 
 
 SECTION_CHECKS = (_validate_model, _validate_parallel, _validate_precision_and_loss, _validate_optimizer,
@@ -443,12 +486,23 @@ def validate(c: TrainConfig, source: str = "config", world_size: int | None = No
     for check in SECTION_CHECKS:
         check(c, source)
     if world_size is not None:
-        from minorsft_megatron.parallel import LayoutError, check_layout
+        _validate_layout(c, source, world_size)
 
-        try:
-            check_layout(world_size, c.parallel.tp, c.parallel.pp, c.parallel.cp)
-        except LayoutError as err:
-            raise ConfigError(f"{source}: parallel: {err}")
+
+def _validate_layout(c: TrainConfig, source: str, world_size: int) -> None:
+    """What the job's `world_size` processes decide: the layout, and whole global batches per step."""
+    from minorsft_megatron.parallel import LayoutError, check_layout
+
+    p, d = c.parallel, c.data
+    try:
+        check_layout(world_size, p.tp, p.pp, p.cp)
+    except LayoutError as err:
+        raise ConfigError(f"{source}: parallel: {err}")
+    dp = world_size // (p.tp * p.pp * p.cp)
+    divisor = dp if d.packing else dp * d.micro_batch_size
+    _require(d.global_batch_size % divisor == 0, source, "data.global_batch_size",
+             f"{d.global_batch_size} is not a multiple of " + ("the data-parallel size" if d.packing else
+             "data.micro_batch_size x the data-parallel size") + f" ({divisor}, {world_size} processes)")
 
 
 def check_for_device(c: TrainConfig, source: str, device_type: str) -> None:
@@ -467,6 +521,9 @@ def check_for_device(c: TrainConfig, source: str, device_type: str) -> None:
         spec = transformer_engine.resolve_spec(c.model.spec, device_type)
         transformer_engine.check_context_parallel_and_packing(c.parallel.cp, c.data.packing, spec)
     except transformer_engine.TransformerEngineError as err:
+        key, _, message = str(err).partition(": ")
+        if key.replace("_", "").replace(".", "").isalnum() and "." in key:  # "section.key: what" -> where it was set
+            raise ConfigError(f"{_where(source, key)}: {message}")
         raise ConfigError(f"{source}: {err}")
 
 
@@ -477,18 +534,20 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m minorsft_megatron.config", description=main.__doc__)
     parser.add_argument("--config", required=True)
+    parser.add_argument("--world-size", type=int, default=None, help="the job's processes: also check the layout")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    from minorsft_megatron.compat import MegatronVersionError, check_megatron_version
+    from minorsft_megatron.compat import check_megatron_version
+    from minorsft_megatron.device import resolve_device
+    from minorsft_megatron.errors import UserError
 
     try:
         check_megatron_version()
         config = load_config(args.config, args.overrides)
-        import torch
-
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        check_for_device(config, args.config, device)
-    except (ConfigError, MegatronVersionError) as err:
+        if args.world_size is not None:
+            validate(config, Source.of(args.config, args.overrides), args.world_size)
+        check_for_device(config, Source.of(args.config, args.overrides), resolve_device(config.device).type)
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -16,6 +16,7 @@ time and streamed into the safetensors file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from minorsft_megatron.errors import UserError
 from minorsft_megatron.model import TORCH_DTYPES
 
 SUPPORTED = {
@@ -39,7 +41,7 @@ SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float1
 MEGATRON_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint or config the converter cannot map exactly; one line."""
 
 
@@ -211,11 +213,17 @@ class HFReader:
 
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         if os.path.isfile(index):
-            with open(index) as f:
-                files = json.load(f)["weight_map"]
+            try:
+                with open(index, encoding="utf-8") as f:
+                    files = json.load(f)["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise _unreadable(index, err)
         elif os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
-            with safe_open(os.path.join(hf_dir, "model.safetensors"), "pt") as f:
-                files = {name: "model.safetensors" for name in f.keys()}
+            try:
+                with safe_open(os.path.join(hf_dir, "model.safetensors"), "pt") as f:
+                    files = {name: "model.safetensors" for name in f.keys()}
+            except Exception as err:  # noqa: BLE001 - safetensors' own error types for a damaged header
+                raise _unreadable(os.path.join(hf_dir, "model.safetensors"), err)
         else:
             raise ConversionError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
         self.dir, self.files, self._open = hf_dir, files, safe_open
@@ -223,8 +231,12 @@ class HFReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:
             raise ConversionError(f"{self.dir}: tensor {name} is missing")
-        with self._open(os.path.join(self.dir, self.files[name]), "pt") as f:
-            return f.get_tensor(name)
+        path = os.path.join(self.dir, self.files[name])
+        try:
+            with self._open(path, "pt") as f:
+                return f.get_tensor(name)
+        except Exception as err:  # noqa: BLE001 - a truncated shard fails in safetensors' or the OS's own ways
+            raise _unreadable(path, err)
 
 
 class Staging:
@@ -333,22 +345,62 @@ def read_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ConversionError(f"{hf_dir}: no config.json")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{path}: not valid JSON ({err})")
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: not a Hugging Face config (a JSON object)")
+    return config
+
+
+def _unreadable(path: str, err: Exception) -> ConversionError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return ConversionError(f"{path}: cannot be read, the file is damaged or incomplete ({first})")
 
 
 # ---- the two directions -----------------------------------------------------------------------------------------
 
-def hf_to_megatron(hf_dir: str, out: str, spec: str = "local", dtype: str = "bf16", log=print) -> str:
+@contextlib.contextmanager
+def building(out: str, what: str, overwrite: bool, inputs: dict):
+    """The temporary directory an output directory is built in: `out` must be new or empty (or `overwrite`) and
+    no input; the result replaces `out` only once complete, and a failure leaves nothing behind."""
+    from minorsft_megatron import paths
+
+    paths.check_fresh_dir(out, what, overwrite)
+    paths.check_apart({what: out}, inputs)
+    paths.remove_stale_temporaries(out)
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        paths.replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hf_to_megatron(hf_dir: str, out: str, spec: str = "local", dtype: str = "bf16", log=print,
+                   overwrite: bool = False) -> str:
     """Convert; returns the checkpoint directory. Peak anonymous memory: about the largest tensor."""
+    from minorsft_megatron import checkpoint
+
+    hf_config = read_hf_config(hf_dir)
+    model_cfg = model_config_from_hf(hf_config, spec)
+    reader = HFReader(hf_dir)
+    with building(out, "--out", overwrite, {"--hf-dir": hf_dir}) as tmp:
+        write_megatron(tmp, hf_dir, hf_config, model_cfg, reader, dtype, log)
+    path = checkpoint.iteration_dir(out, 0)
+    log(f"wrote {path}")
+    return path
+
+
+def write_megatron(out: str, hf_dir: str, hf_config: dict, model_cfg, reader, dtype: str, log) -> None:
+    """Every tensor of `reader`, staged to memory-mapped files, then one dist checkpoint in `out`."""
     from minorsft_megatron import checkpoint
     from minorsft_megatron.config import to_dict
     from minorsft_megatron.model import checkpoint_vocab_size
 
-    hf_config = read_hf_config(hf_dir)
-    model_cfg = model_config_from_hf(hf_config, spec)
     train_cfg = train_config_for(model_cfg, dtype)
-    reader = HFReader(hf_dir)
     single_process_group()
     sharded = meta_sharded_state_dict(train_cfg, model_cfg.vocab_size)
     staging = Staging(os.path.join(out, ".staging"))
@@ -368,11 +420,9 @@ def hf_to_megatron(hf_dir: str, out: str, spec: str = "local", dtype: str = "bf1
         files = {name: Path(hf_dir, name).read_bytes() for name in COPIED_FILES if Path(hf_dir, name).is_file()}
         state = {"config": to_dict(train_cfg), "vocab_size": model_cfg.vocab_size, "kind": "hf",
                  "hf": {"config": hf_config, "files": files}}
-        path = checkpoint.save(out, 0, _Prepared(sharded), None, state)
+        checkpoint.save(out, 0, _Prepared(sharded), None, state)
     finally:
         shutil.rmtree(staging.dir, ignore_errors=True)
-    log(f"wrote {path}")
-    return path
 
 
 class DistCheckpointReader:
@@ -382,8 +432,12 @@ class DistCheckpointReader:
     def __init__(self, directory: str):
         from torch.distributed.checkpoint import FileSystemReader
 
+        self.directory = directory
         self.reader = FileSystemReader(directory)
-        self.metadata = self.reader.read_metadata()
+        try:
+            self.metadata = self.reader.read_metadata()
+        except Exception as err:  # noqa: BLE001 - missing or damaged .metadata
+            raise _unreadable(os.path.join(directory, ".metadata"), err)
         self.reader.set_up_storage_reader(self.metadata, True)
 
     def read(self, key: str, offsets, sizes) -> torch.Tensor:
@@ -395,7 +449,10 @@ class DistCheckpointReader:
         buffer = torch.empty(tuple(sizes), dtype=stored.properties.dtype)
         region = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
         items = create_read_items_for_chunk_list(key, stored, [region])
-        self.reader.read_data(LoadPlan(items), _IntoBuffer(buffer)).wait()
+        try:
+            self.reader.read_data(LoadPlan(items), _IntoBuffer(buffer)).wait()
+        except Exception as err:  # noqa: BLE001 - a truncated shard fails deep inside torch
+            raise _unreadable(self.directory, err)
         return buffer
 
 
@@ -423,7 +480,8 @@ def read_megatron_tensor(reader: DistCheckpointReader, local_key: str, entry) ->
     return reader.read(entry.key, (layer,) + (0,) * len(shape), (1,) + shape)[0]
 
 
-def megatron_to_hf(load: str, out: str, dtype: str | None = None, max_shard_bytes: int = 5 << 30, log=print) -> str:
+def megatron_to_hf(load: str, out: str, dtype: str | None = None, max_shard_bytes: int = 5 << 30, log=print,
+                   overwrite: bool = False) -> str:
     """Convert the checkpoint at `load` (or the latest under it) to a Hugging Face directory `out`."""
     from minorsft_megatron import checkpoint
     from minorsft_megatron.config import TrainConfig, from_dict
@@ -431,8 +489,17 @@ def megatron_to_hf(load: str, out: str, dtype: str | None = None, max_shard_byte
     directory = checkpoint.resolve(load)
     state = checkpoint.read_state(directory)
     train_cfg = from_dict(TrainConfig, state["config"], f"{directory} (saved config)")
+    train_cfg.model.vocab_size = train_cfg.model.vocab_size or state["vocab_size"]  # unset: the tokenizer's
+    with building(out, "--out", overwrite, {"--load": load, "--load checkpoint": directory}) as tmp:
+        write_hf(tmp, directory, state, train_cfg, TORCH_DTYPES[dtype or train_cfg.precision.dtype],
+                 max_shard_bytes, log)
+    log(f"wrote {out}")
+    return out
+
+
+def write_hf(out: str, directory: str, state: dict, train_cfg, out_dtype, max_shard_bytes: int, log) -> None:
+    """The Hugging Face files of the checkpoint `directory` in `out`, one megatron tensor in memory at a time."""
     m = train_cfg.model
-    out_dtype = TORCH_DTYPES[dtype or train_cfg.precision.dtype]
     single_process_group()
     sharded = meta_sharded_state_dict(train_cfg, state["vocab_size"])
     cache: dict[str, torch.Tensor] = {}
@@ -448,17 +515,10 @@ def megatron_to_hf(load: str, out: str, dtype: str | None = None, max_shard_byte
     meta = lambda key: torch.empty(sharded[key].data.shape, device="meta")  # noqa: E731
     names = hf_names(m)
     shapes = {n: tuple(hf_from_megatron(n, meta, m).shape) for n in names}
-    tmp = f"{out}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    os.makedirs(out)
     tensors = ((n, hf_from_megatron(n, get, m).to(out_dtype).contiguous()) for n in names)
-    write_safetensors(tmp, names, shapes, out_dtype, tensors, max_shard_bytes, log)
-    write_hf_side_files(tmp, state, m, out_dtype)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    log(f"wrote {out}")
-    return out
+    write_safetensors(out, names, shapes, out_dtype, tensors, max_shard_bytes, log)
+    write_hf_side_files(out, state, m, out_dtype)
 
 
 def write_safetensors(directory, names, shapes, dtype, tensors, max_shard_bytes, log) -> dict:
@@ -571,40 +631,47 @@ def verify(hf_dir: str, megatron_dir: str, num_sequences: int = 4, length: int =
     return diff
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     import argparse
-    import warnings
 
-    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    parser = argparse.ArgumentParser(prog="tools/convert_checkpoint.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from minorsft_megatron.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="tools/convert_checkpoint.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="direction", required=True)
     to_mg = sub.add_parser("hf-to-megatron", help="a Hugging Face directory to a megatron-core dist checkpoint")
     to_mg.add_argument("--hf-dir", required=True)
-    to_mg.add_argument("--out", required=True)
     to_mg.add_argument("--spec", choices=("local", "te"), default="local")
     to_mg.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    to_mg.add_argument("--verify", action="store_true")
     to_hf = sub.add_parser("megatron-to-hf", help="a megatron-core checkpoint to a Hugging Face directory")
     to_hf.add_argument("--load", required=True)
-    to_hf.add_argument("--out", required=True)
     to_hf.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: the checkpoint's")
-    to_hf.add_argument("--verify", action="store_true")
-    args = parser.parse_args(argv)
-    from minorsft_megatron.checkpoint import CheckpointError
-    from minorsft_megatron.compat import MegatronVersionError, check_megatron_version
+    for direction in (to_mg, to_hf):
+        direction.add_argument("--out", required=True, help="a new or empty directory")
+        direction.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (never an input)")
+        direction.add_argument("--verify", action="store_true")
+    return parser.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    import warnings
+
+    from minorsft_megatron.compat import check_megatron_version
+    from minorsft_megatron.errors import UserError
+
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
     try:
+        args = parse_args(argv)
         check_megatron_version()
         if args.direction == "hf-to-megatron":
-            path = hf_to_megatron(args.hf_dir, args.out, args.spec, args.dtype)
+            path = hf_to_megatron(args.hf_dir, args.out, args.spec, args.dtype, overwrite=args.overwrite)
             if args.verify:
                 verify(args.hf_dir, path)
         else:
-            megatron_to_hf(args.load, args.out, args.dtype)
+            megatron_to_hf(args.load, args.out, args.dtype, overwrite=args.overwrite)
             if args.verify:
                 verify(args.out, args.load)
-    except (ConversionError, CheckpointError, MegatronVersionError, OSError) as err:
+    except (UserError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

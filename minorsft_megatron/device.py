@@ -24,6 +24,8 @@ import types
 
 import torch
 
+from minorsft_megatron.errors import UserError
+
 _CPU = torch.device("cpu")
 _redirected = False
 
@@ -63,9 +65,10 @@ def resolve_device(requested: str | None = None) -> torch.device:
     `requested` is None (automatic), "cpu" or "cuda"; asking for "cuda" where there is none is an error.
     """
     if requested not in (None, "cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {requested!r}")
+        raise UserError(f"device must be 'cpu' or 'cuda', got {requested!r}")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA device is visible")
+        raise UserError("device: cuda was asked for, but no CUDA device is visible (use device=cpu, or leave it "
+                        "unset)")
     if requested == "cpu" or not torch.cuda.is_available():
         return _CPU
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

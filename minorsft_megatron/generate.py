@@ -22,8 +22,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from minorsft_megatron import checkpoint, parallel
-from minorsft_megatron.cli import run_main
+from minorsft_megatron import checkpoint, parallel, paths
+from minorsft_megatron.cli import ArgumentParser, positive_int, run_main
 from minorsft_megatron.config import ConfigError
 from minorsft_megatron.data.records import RecordError, parse_record
 from minorsft_megatron.data.templates import prompt_ids, resolve_template
@@ -106,10 +106,26 @@ def same_length_batches(prompts: list[tuple[list[int], str]], indices, batch_siz
     return [group[k:k + batch_size] for _, group in sorted(by_length.items()) for k in range(0, len(group), batch_size)]
 
 
+def check_fits(args, cfg, state: dict, tokenizer, prompts) -> None:
+    """The checkpoint knows every token the tokenizer makes, and the longest prompt plus --max-new-tokens fits in
+    its positions."""
+    if tokenizer.vocab_size > state["vocab_size"]:
+        raise ConfigError(f"--tokenizer {args.tokenizer}: has {tokenizer.vocab_size} tokens, more than the checkpoint "
+                          f"{args.load}'s vocabulary of {state['vocab_size']}: use the tokenizer it was trained with")
+    longest = max((len(ids) for ids, _ in prompts), default=0)
+    limit = cfg.model.max_position_embeddings
+    if longest + args.max_new_tokens > limit:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: the longest prompt ({longest} tokens) plus the "
+                          f"answer would pass the model's {limit} positions (max_position_embeddings); use at most "
+                          f"{max(limit - longest, 0)}")
+
+
 def generate(args) -> None:
     from megatron.core import parallel_state
 
     parallel.check_layout(int(os.environ.get("WORLD_SIZE", "1")), args.tp)  # before reading anything
+    paths.check_writable_file(args.out, "--out")
+    paths.check_apart({"--out": args.out}, {"--jsonl": args.jsonl, "--tokenizer": args.tokenizer, "--load": args.load})
     cfg, state = checkpoint_config(args.load, args.tp, 1)
     try:
         tokenizer = load_tokenizer(args.tokenizer)
@@ -117,6 +133,7 @@ def generate(args) -> None:
     except TokenizerError as err:
         raise ConfigError(str(err))
     prompts = read_prompts(args.jsonl, tokenizer, template)
+    check_fits(args, cfg, state, tokenizer, prompts)
     device = setup_device(cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else None)
     pgs = parallel.initialize(device, tp=args.tp, seed=cfg.seed)
     model, _ = build_model(cfg, RolePrecision("fp32" if device.type == "cpu" else "bf16"), state["vocab_size"],
@@ -138,31 +155,29 @@ def generate(args) -> None:
     dist.gather_object(results if parallel_state.get_tensor_model_parallel_rank() == 0 else [], gathered, dst=0)
     if dist.get_rank() == 0:
         rows = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+        paths.make_parent(args.out)
+        paths.remove_stale_temporaries(args.out)
         write_jsonl(args.out, rows)
         accuracy = sum(r["exact_match"] for r in rows) / max(len(rows), 1)
         print(f"generated {len(rows)} answers: exact match {accuracy:.4f}; wrote {args.out}", flush=True)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minorsft_megatron.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m minorsft_megatron.generate", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True)
-    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--tp", type=positive_int, default=1)
     p.add_argument("--jsonl", required=True)
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--chat-template", default=None)
     p.add_argument("--out", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32, help="prompts of one token length decoded together")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="prompts of one token length decoded together")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        print("error: --batch-size and --max-new-tokens must be at least 1", file=sys.stderr)
-        return 2
-    return run_main(lambda: generate(args))
+    return run_main(lambda: generate(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ with the config inside, loadable under any TP/PP (`checkpoint.init: DIR`, `score
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 
-from minorsft_megatron import checkpoint, parallel
-from minorsft_megatron.cli import run_main
+from minorsft_megatron import checkpoint, parallel, paths
+from minorsft_megatron.cli import ArgumentParser, run_main
 from minorsft_megatron.config import load_config, to_dict
 from minorsft_megatron.data.dataset import SFTDataset
 from minorsft_megatron.device import setup_device
@@ -21,11 +22,16 @@ from minorsft_megatron.model import build_model
 from minorsft_megatron.transformer_engine import RolePrecision
 
 
-def init_checkpoint(config_path: str, out: str, overrides: list[str]) -> None:
+def init_checkpoint(config_path: str, out: str, overrides: list[str], overwrite: bool = False) -> None:
+    """Write the starting checkpoint into `out`: a new or empty directory, or (`overwrite`) one to replace."""
     cfg = load_config(config_path, overrides)
+    paths.check_fresh_dir(out, "--out", overwrite)
+    paths.check_apart({"--out": out}, {"--config": config_path, "data.prefix": f"{cfg.data.prefix}.json"})
     device = setup_device(cfg.device)
     vocab = cfg.model.vocab_size or SFTDataset(cfg.data.prefix).meta["tokenizer"]["vocab_size"]
     parallel.initialize(device, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.seed)
+    if overwrite:
+        parallel.on_rank_zero(lambda: shutil.rmtree(out, ignore_errors=True))
     model, _ = build_model(cfg, RolePrecision(cfg.precision.dtype), vocab, device, initialize=True)
     path = checkpoint.save(out, 0, model, None, {"config": to_dict(cfg), "vocab_size": vocab, "kind": "init"})
     if parallel.is_logging_rank():
@@ -33,13 +39,18 @@ def init_checkpoint(config_path: str, out: str, overrides: list[str]) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minorsft_megatron.init_checkpoint", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m minorsft_megatron.init_checkpoint", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="a new or empty directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    return run_main(lambda: init_checkpoint(args.config, args.out, args.overrides))
+
+    def job():
+        args = parser.parse_args(argv)
+        init_checkpoint(args.config, args.out, args.overrides, args.overwrite)
+
+    return run_main(job)
 
 
 if __name__ == "__main__":

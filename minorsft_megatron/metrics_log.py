@@ -15,13 +15,29 @@ CONSOLE_KEYS = (
 )
 
 
+def keep_until(path: str, iteration: int) -> None:
+    """Drop the records of `path` past `iteration` (steps a crashed or stopped run logged after its last save, which
+    the resumed run takes again), rewriting it atomically."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class MetricsLog:
     def __init__(self, output_dir: str, total_steps: int, interval: int, tensorboard: bool,
-                 progress_bar: bool | None, resume: bool):
+                 progress_bar: bool | None, resume_at: int | None):
+        """`resume_at`: the iteration a resumed run continues from (its later records are dropped); None: new."""
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.total_steps, self.interval = total_steps, interval
-        self.jsonl = open(self.path, "a" if resume else "w", encoding="utf-8")
+        if resume_at is not None:
+            keep_until(self.path, resume_at)
+        self.jsonl = open(self.path, "a" if resume_at is not None else "w", encoding="utf-8")
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -10,10 +10,11 @@ from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+from minorsft_megatron.errors import UserError
 from minorsft_megatron.device import distributed_backend
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError):
     """A parallel layout the job's processes cannot form."""
 
 
@@ -50,6 +51,29 @@ def initialize(
     )
     model_parallel_cuda_manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
+
+
+class RankZeroError(UserError):
+    """Raised on the other ranks when work done on rank 0 alone failed (rank 0 reports it)."""
+
+
+def on_rank_zero(work):
+    """Run `work()` on global rank 0 only and return its result there (None elsewhere). If it raises, every rank
+    raises (rank 0 its own exception, the others RankZeroError), so no rank is left waiting in a collective.
+    Collective: one broadcast_object_list."""
+    failure, result = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = work()
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the other ranks are told
+            failure = err
+    told = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    dist.broadcast_object_list(told, src=0)
+    if failure is not None:
+        raise failure
+    if told[0] is not None:
+        raise RankZeroError(f"rank 0 failed: {told[0]}")
+    return result
 
 
 def destroy() -> None:

@@ -8,12 +8,15 @@ Written by `python -m minorsft_megatron.score`: FILE.jsonl with one line per sam
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
 
+from minorsft_megatron.errors import UserError
 
-class ReferenceCacheError(ValueError):
+
+class ReferenceCacheError(UserError):
     """A cache that does not belong to this run, or is malformed; one line naming both sides."""
 
 
@@ -57,6 +60,8 @@ def read_cache(path: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
                 sums[int(row["index"])], counts[int(row["index"])] = float(row["logp_sum"]), int(row["num_answer_tokens"])
             except (ValueError, KeyError, TypeError) as err:
                 raise ReferenceCacheError(f"{path}:{number}: not a cache line ({err})")
+            if not math.isfinite(sums[int(row["index"])]):
+                raise ReferenceCacheError(f"{path}:{number}: logp_sum is {row['logp_sum']}, not a finite number")
     if sorted(sums) != list(range(len(sums))):
         raise ReferenceCacheError(f"{path}: sample indices are not 0..{len(sums) - 1}")
     order = range(len(sums))

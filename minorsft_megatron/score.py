@@ -24,26 +24,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minorsft_megatron import checkpoint, parallel, transformer_engine
-from minorsft_megatron.cli import run_main
+from minorsft_megatron import checkpoint, parallel, paths, transformer_engine
+from minorsft_megatron.cli import ArgumentParser, positive_int, run_main
 from minorsft_megatron.config import DTYPES, ConfigError, ParallelConfig, TrainConfig, from_dict
 from minorsft_megatron.data.batch import padded_micro_batch
 from minorsft_megatron.data.dataset import SFTDataset
 from minorsft_megatron.device import setup_device
 from minorsft_megatron.forward_step import LogProbCollector, forward_log_probs
 from minorsft_megatron.model import build_model, output_log_probs
-from minorsft_megatron.reference_cache import read_cache, write_cache, write_jsonl
+from minorsft_megatron.reference_cache import meta_path, read_cache, write_cache, write_jsonl
 
 SEQ_MULTIPLE = 8
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minorsft_megatron.score", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m minorsft_megatron.score", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory, or a save directory (its latest)")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--cp", type=int, default=1, help="context-parallel size (Transformer Engine spec)")
+    p.add_argument("--tp", type=positive_int, default=1)
+    p.add_argument("--pp", type=positive_int, default=1)
+    p.add_argument("--cp", type=positive_int, default=1, help="context-parallel size (Transformer Engine spec)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", metavar="PREFIX", help="a dataset written by tools/preprocess_sft_data.py")
     data.add_argument("--jsonl", metavar="FILE", help="SFT records, preprocessed on the fly (needs --tokenizer)")
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, metavar="FILE.jsonl")
     p.add_argument("--precision", choices=DTYPES + ("fp8",), default=None,
                    help="default: the checkpoint config's reference.precision (fp8: bf16 weights, FP8 compute)")
-    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--micro-batch-size", type=positive_int, default=8)
     p.add_argument("--reference", metavar="BASE.jsonl", help="a cache of the base model: print m_theta against it")
     p.add_argument("--per-token", metavar="FILE.jsonl",
                    help="also write each sample's answer-token log-probs: {\"index\": i, \"token_logp\": [...]}")
@@ -78,22 +78,48 @@ def score_seq_length(dataset: SFTDataset, cp: int, fp8_multiple: int) -> int:
     return int(math.ceil((dataset.lengths.max() - 1) / multiple) * multiple)
 
 
+def check_paths(args) -> None:
+    """Before anything is read or written: the outputs can be written and replace no input."""
+    paths.check_writable_file(args.out, "--out")
+    if args.per_token:
+        paths.check_writable_file(args.per_token, "--per-token")
+    data_files = [f"{args.data}{suffix}" for suffix in (".json", "_tokens.bin", "_tokens.idx", "_answer_mask.bin",
+                                                           "_answer_mask.idx")] if args.data else []
+    inputs = {"--jsonl": args.jsonl, "--tokenizer": args.tokenizer, "--reference": args.reference,
+              "--reference's meta": args.reference and meta_path(args.reference), "--load": args.load}
+    inputs.update({f"--data {path}": path for path in data_files})
+    paths.check_apart({"--out": args.out, "--out's meta": meta_path(args.out), "--per-token": args.per_token}, inputs)
+
+
 def prepare_dataset(args, workdir: str) -> str:
-    """The dataset prefix to score: --data, or --jsonl preprocessed by rank 0 into `workdir`."""
+    """The dataset prefix to score: --data, or --jsonl preprocessed by rank 0 into `workdir` (an error there is
+    raised on every rank)."""
     if args.data:
         return args.data
     prefix = os.path.join(workdir, "data")
-    if dist.get_rank() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        from minorsft_megatron.data.preprocess import PreprocessError, PreprocessSettings, preprocess
 
-        try:
-            preprocess(PreprocessSettings(inputs=[args.jsonl], tokenizer=args.tokenizer, output_prefix=prefix,
-                                          chat_template=args.chat_template), log=lambda *_: None)
-        except PreprocessError as err:
-            raise ConfigError(str(err))
-    dist.barrier()
+    def preprocess_jsonl():
+        from minorsft_megatron.data.preprocess import PreprocessSettings, preprocess
+
+        os.makedirs(workdir, exist_ok=True)
+        preprocess(PreprocessSettings(inputs=[args.jsonl], tokenizer=args.tokenizer, output_prefix=prefix,
+                                      chat_template=args.chat_template), log=lambda *_: None)
+
+    parallel.on_rank_zero(preprocess_jsonl)
     return prefix
+
+
+def check_dataset(args, dataset: SFTDataset, vocab_size: int) -> None:
+    """The checkpoint can score the dataset's tokens, and --reference was scored on the same samples."""
+    tokenizer_vocab = dataset.meta["tokenizer"]["vocab_size"]
+    if tokenizer_vocab > vocab_size:
+        raise ConfigError(f"{dataset.prefix}: its tokenizer has {tokenizer_vocab} tokens, more than the checkpoint "
+                          f"{args.load}'s vocabulary of {vocab_size}: score it with the model it was trained for")
+    if args.reference:
+        ref_meta = read_cache(args.reference)[0]
+        if ref_meta["dataset"]["fingerprint"] != dataset.fingerprint:
+            raise ConfigError(f"--reference {args.reference}: scored on another dataset "
+                              f"({ref_meta['dataset']['fingerprint'][:12]}, not {dataset.fingerprint[:12]})")
 
 
 def rank_micro_batches(dataset: SFTDataset, seq_length: int, mbs: int, dp_rank: int, dp_size: int):
@@ -156,6 +182,7 @@ def score_rank_share(args, cfg, state, dataset, device, pgs, precision: str):
 
 def score(args) -> None:
     parallel.check_layout(int(os.environ.get("WORLD_SIZE", "1")), args.tp, args.pp, args.cp)  # before reading
+    check_paths(args)
     cfg, state = checkpoint_config(args.load, args.tp, args.pp, args.cp)
     precision = args.precision or cfg.reference.precision
     device = setup_device(cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else None)
@@ -163,12 +190,12 @@ def score(args) -> None:
     workdir = f"{args.out}.tmp-data"  # --jsonl is preprocessed here by rank 0, removed at the end
     try:
         dataset = SFTDataset(prepare_dataset(args, workdir))
+        check_dataset(args, dataset, state["vocab_size"])
         part, loaded = score_rank_share(args, cfg, state, dataset, device, pgs, precision)
         parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(part, parts, dst=0)
-        if dist.get_rank() == 0:
-            write_result(args, [p for p in parts if p is not None], dataset, loaded, precision)
-        dist.barrier()
+        parallel.on_rank_zero(lambda: write_result(args, [p for p in parts if p is not None], dataset, loaded,
+                                                   precision))
     finally:
         if dist.get_rank() == 0:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -193,6 +220,10 @@ def write_result(args, parts: list[ScoredPart], dataset, loaded_state, precision
     logp_sum = np.asarray([s for p in parts for s in p.logp_sum])[order]
     counts = np.asarray([c for p in parts for c in p.num_answer_tokens])[order]
     assert index.tolist() == list(range(len(dataset))), "every sample scored exactly once"
+    broken = np.flatnonzero(~np.isfinite(logp_sum))
+    if broken.size:
+        raise ConfigError(f"{args.load}: {broken.size} of {len(index)} samples get a non-finite log-prob (first: sample "
+                          f"{int(index[broken[0]])}); the checkpoint's weights are broken; nothing was written")
     meta = {
         "checkpoint": {"path": os.path.abspath(checkpoint.resolve(args.load)),
                        "checkpoint_id": loaded_state["checkpoint_id"], "iteration": loaded_state["iteration"]},
@@ -202,25 +233,24 @@ def write_result(args, parts: list[ScoredPart], dataset, loaded_state, precision
                                            "world": dist.get_world_size()},
         "num_samples": len(index),
     }
+    paths.make_parent(args.out)
+    paths.remove_stale_temporaries(args.out)
     write_cache(args.out, index, logp_sum, counts, meta)
     if args.per_token:
+        paths.make_parent(args.per_token)
         write_per_token(args.per_token, index, parts)
     valid = counts > 0
     line = (f"scored {len(index)} samples: mean log-prob per answer token "
             f"{(logp_sum[valid] / counts[valid]).mean():.4f}; wrote {args.out} and {args.out}.meta.json")
     if args.reference:
-        ref_meta, ref_sum, ref_counts = read_cache(args.reference)
-        if ref_meta["dataset"]["fingerprint"] != dataset.fingerprint:
-            raise ConfigError(f"--reference {args.reference}: scored on another dataset "
-                              f"({ref_meta['dataset']['fingerprint'][:12]}, not {dataset.fingerprint[:12]})")
+        ref_sum = read_cache(args.reference)[1]
         m_theta = ((logp_sum - ref_sum.numpy())[valid] / counts[valid]).mean()
         line += f"\nm_theta against {args.reference}: {m_theta:+.6f}"
     print(line, flush=True)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    return run_main(lambda: score(args), extra_errors=(transformer_engine.TransformerEngineError,))
+    return run_main(lambda: score(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ then megatron-core's optimizer steps. See config.py for every setting.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -19,15 +20,36 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from minorsft_megatron import checkpoint, parallel, transformer_engine
-from minorsft_megatron.cli import run_main
-from minorsft_megatron.config import ConfigError, TrainConfig, check_for_device, load_config, to_dict, validate
+from minorsft_megatron import checkpoint, parallel, paths, transformer_engine
+from minorsft_megatron.cli import ArgumentParser, run_main
+from minorsft_megatron.errors import UserError
+from minorsft_megatron.config import (
+    ConfigError,
+    Source,
+    TrainConfig,
+    check_for_device,
+    load_config,
+    to_dict,
+    validate,
+)
 from minorsft_megatron.data.dataset import BatchSettings, SFTBatches, SFTDataset
 from minorsft_megatron.device import peak_memory_gib, setup_device
 from minorsft_megatron.forward_step import LogProbCollector, SFTLossFunction, forward_backward, reduce_step_metrics
 from minorsft_megatron.metrics_log import MetricsLog
 from minorsft_megatron.model import build_model, output_log_probs, unwrap
 from minorsft_megatron.reference import CachedReference, ColocatedReference
+
+
+SCHEDULE_KEYS = ("optimizer.lr", "optimizer.min_lr", "optimizer.warmup_ratio", "optimizer.decay",
+                 "optimizer.weight_decay", "train_steps")
+"""Settings the learning-rate schedule is made of: a resume with others is refused unless
+checkpoint.override_schedule asks to recompute the schedule from them."""
+RUN_KEYS = ("loss.name", "loss.beta", "data.global_batch_size", "data.seed", "data.epochs", "precision.dtype")
+"""Settings that make a run what it is: a resume with others is refused (start a new run from the weights)."""
+
+
+class NonFiniteError(UserError):
+    """The loss or the gradient norm stopped being finite; the run stops before saving."""
 
 
 @dataclass
@@ -69,6 +91,8 @@ class Run:
     consumed: int = 0
     log: MetricsLog | None = None
     """On the logging rank only."""
+    lock: object = None
+    """Rank 0's lock on the run directory (paths.DirectoryLock), held until the process ends."""
 
 
 # ---- building ---------------------------------------------------------------------------------------------------
@@ -163,6 +187,8 @@ def setup(cfg: TrainConfig, source: str) -> Run:
     check_for_device(cfg, source, device.type)
     dataset, vocab = open_dataset(cfg, source)
     pgs = parallel.initialize(device, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.seed)
+    save_dir = cfg.checkpoint.save or os.path.join(cfg.output_dir, "checkpoints")
+    lock = parallel.on_rank_zero(lambda: prepare_outputs(cfg, save_dir))
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     settings = batch_settings(cfg, transformer_engine.resolve_spec(cfg.model.spec, device.type))
     total_steps = SFTBatches(dataset, settings, dp_rank, dp_size).num_steps
@@ -174,8 +200,7 @@ def setup(cfg: TrainConfig, source: str) -> Run:
               reference=build_reference(cfg, policy, vocab, device, pgs, dataset, start_id),
               loss_fn=SFTLossFunction(cfg.loss.name, cfg.loss.beta, cp_group=pgs.cp, log_probs=output_log_probs(
                   policy.model, cfg.loss.logprob_chunk_size, vocab, pgs.tp, cfg.parallel.sp)),
-              save_dir=cfg.checkpoint.save or os.path.join(cfg.output_dir, "checkpoints"),
-              start_id=start_id, hf_origin=hf_origin)
+              save_dir=save_dir, start_id=start_id, hf_origin=hf_origin, lock=lock)
     resumed_from = resume(run)
     run.batches = SFTBatches(dataset, settings, dp_rank, dp_size, consumed_samples=run.consumed)
     if parallel.is_logging_rank():
@@ -184,6 +209,21 @@ def setup(cfg: TrainConfig, source: str) -> Run:
 
 
 # ---- resuming and saving ----------------------------------------------------------------------------------------
+
+def prepare_outputs(cfg: TrainConfig, save_dir: str) -> paths.DirectoryLock:
+    """Rank 0, before any work: the run's directories can be written, the save directory is consistent, nothing
+    of an earlier run would be overwritten, and the run directory is locked for this run."""
+    paths.check_writable_dir(cfg.output_dir, "output_dir")
+    paths.check_writable_dir(save_dir, "checkpoint.save")
+    checkpoint.check_save_dir(save_dir)
+    lock = paths.DirectoryLock(cfg.output_dir, "output_dir")
+    metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if resume_path(cfg, save_dir) is None and os.path.isfile(metrics) and os.path.getsize(metrics):
+        lock.release()
+        raise paths.PathError(f"output_dir {cfg.output_dir}: holds an earlier run's metrics.jsonl but no checkpoint "
+                              "to resume; choose another output_dir, or remove that run")
+    return lock
+
 
 def layout(cfg: TrainConfig) -> dict:
     return {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "cp": cfg.parallel.cp, "world": dist.get_world_size()}
@@ -200,6 +240,15 @@ def optimizer_sharding(cfg: TrainConfig) -> str | None:
     return cfg.checkpoint.optimizer_sharding if cfg.optimizer.distributed else None
 
 
+def override_schedule(policy: Policy, cfg: TrainConfig) -> None:
+    """Make the scheduler about to load a checkpoint keep this config's values (megatron-core's
+    override_opt_param_scheduler), and the optimizer's parameter groups, which carry their own peak and floor
+    learning rates from the checkpoint, this config's lr and min_lr."""
+    policy.scheduler.override_opt_param_scheduler = True
+    for group in policy.optimizer.param_groups:
+        group["max_lr"], group["min_lr"] = cfg.optimizer.lr, cfg.optimizer.min_lr
+
+
 def check_resumed_optimizer(cfg: TrainConfig, state: dict, path: str) -> None:
     """The optimizer state in `path` must be loadable into this run's optimizer at this layout."""
     saved = state.get("optimizer_sharding")
@@ -213,6 +262,35 @@ def check_resumed_optimizer(cfg: TrainConfig, state: dict, path: str) -> None:
             f"{path}: its distributed-optimizer state (dp_reshardable) was saved at tp={before.get('tp')} "
             f"pp={before.get('pp')} cp={before.get('cp')} and loads only there (this run: tp={now['tp']} "
             f"pp={now['pp']} cp={now['cp']}); save with checkpoint.optimizer_sharding: fully_reshardable to change them")
+
+
+def _setting(config: dict, key: str):
+    for part in key.split("."):
+        config = (config or {}).get(part)
+    return config
+
+
+def changed_settings(saved: dict, cfg: TrainConfig, keys) -> list[str]:
+    """`key value (checkpoint value)` for each of `keys` this config sets differently from the saved config."""
+    now = to_dict(cfg)
+    return [f"{key} {_setting(now, key)} (checkpoint {_setting(saved, key)})" for key in keys
+            if _setting(now, key) != _setting(saved, key)]
+
+
+def check_resumable(cfg: TrainConfig, state: dict, path: str) -> None:
+    """A training run's checkpoint, saved with this run's settings (or, for the schedule, overridden)."""
+    if "scheduler" not in state:
+        raise checkpoint.CheckpointError(f"{path}: a starting checkpoint (init_checkpoint or hf-to-megatron), not a "
+                                         f"training run's; start from it with checkpoint.init: {path}")
+    changed = changed_settings(state["config"], cfg, RUN_KEYS)
+    if changed:
+        raise checkpoint.CheckpointError(f"{path}: resuming with other settings: {', '.join(changed)}; a resumed run "
+                                         "keeps them (start a new run from its weights with checkpoint.init)")
+    changed = changed_settings(state["config"], cfg, SCHEDULE_KEYS)
+    if changed and not cfg.checkpoint.override_schedule:
+        raise checkpoint.CheckpointError(f"{path}: resuming with another learning-rate schedule: {', '.join(changed)};"
+                                         " set checkpoint.override_schedule: true to recompute it from this config")
+    check_resumed_optimizer(cfg, state, path)
 
 
 def check_resumed_state(state: dict, path: str, dataset, start_id) -> None:
@@ -232,9 +310,11 @@ def resume(run: Run) -> str | None:
     path = resume_path(run.cfg, run.save_dir)
     if path is None:
         return None
-    check_resumed_optimizer(run.cfg, checkpoint.read_state(path), path)
+    check_resumable(run.cfg, checkpoint.read_state(path), path)
     state = checkpoint.load(path, run.policy.model, run.policy.optimizer, layout=layout(run.cfg))
     check_resumed_state(state, path, run.dataset, run.start_id)
+    if run.cfg.checkpoint.override_schedule:  # this config's schedule, at the checkpoint's step
+        override_schedule(run.policy, run.cfg)
     run.policy.scheduler.load_state_dict(state["scheduler"])
     run.iteration, run.consumed = state["iteration"], state["consumed_samples"]
     return path
@@ -262,7 +342,7 @@ def save_if_due(run: Run) -> None:
 def open_log(run: Run, resumed_from: str | None) -> MetricsLog:
     cfg = run.cfg
     log = MetricsLog(cfg.output_dir, run.total_steps, cfg.logging.interval, cfg.logging.tensorboard,
-                     cfg.logging.progress_bar, resume=resumed_from is not None)
+                     cfg.logging.progress_bar, resume_at=run.iteration if resumed_from is not None else None)
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     if resumed_from is not None:
@@ -304,14 +384,36 @@ def train_step(run: Run, micro_batches) -> dict:
     metrics = {}
     if parallel_state.is_pipeline_last_stage():
         metrics = reduce_step_metrics(stats, run.pgs.dp_cp, has_reference=run.reference is not None)
+    record = log_step(run, lr, metrics, grad_norm, tokens, step_start, loss_scale, updated)
+    check_finite(run, metrics, grad_norm)
+    return record
+
+
+def log_step(run: Run, lr, metrics, grad_norm, tokens, step_start, loss_scale, updated) -> dict:
+    """The step's record on the logging rank (metrics.jsonl, TensorBoard, the console), else {}."""
     if run.log is None:
         return {}
     record = step_record(run.iteration, run.consumed, lr, metrics, grad_norm, tokens,
                          time.perf_counter() - step_start, run.device)
-    if fp16:  # a skipped step: the loss scaler found an overflow and the optimizer left the weights alone
+    if loss_scale is not None:  # fp16; a skipped step: an overflow, and the weights were left alone
         record.update(loss_scale=float(loss_scale), skipped=not updated)
     run.log.step(record)
     return record
+
+
+def check_finite(run: Run, metrics: dict, grad_norm) -> None:
+    """Every rank: stop, before anything is saved, at a non-finite loss (last stage) or gradient norm (an fp16 step
+    the loss scaler skipped has none, and is fine). Collective: one all-reduce (min) of a flag."""
+    finite = grad_norm is None or math.isfinite(grad_norm)
+    if "loss" in metrics:
+        finite = finite and bool(torch.isfinite(metrics["loss"]))
+    flag = torch.tensor([1.0 if finite else 0.0], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if flag.item() < 1:
+        kept = checkpoint.latest(run.save_dir)
+        raise NonFiniteError(f"iteration {run.iteration}: the loss or the gradient norm is not finite; stopped "
+                             "without saving. " + (f"The last complete checkpoint is {kept}" if kept else
+                             "No checkpoint was saved") + " (a lower optimizer.lr, or check the data and the reference)")
 
 
 def finish(run: Run) -> None:
@@ -335,16 +437,19 @@ def train(cfg: TrainConfig, source: str) -> dict:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minorsft_megatron.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m minorsft_megatron.train", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file (see minorsft_megatron/config.py)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer.lr=1e-5 parallel.tp=2")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    return run_main(lambda: train(load_config(args.config, args.overrides), args.config))
+    def job():
+        args = parse_args(argv)
+        train(load_config(args.config, args.overrides), Source.of(args.config, args.overrides))
+
+    return run_main(job)
 
 
 if __name__ == "__main__":

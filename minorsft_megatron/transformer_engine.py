@@ -8,8 +8,10 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from minorsft_megatron.errors import UserError
 
-class TransformerEngineError(ValueError):
+
+class TransformerEngineError(UserError):
     """Something this machine or this Transformer Engine cannot run; one line saying which and why."""
 
 

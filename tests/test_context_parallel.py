@@ -258,13 +258,13 @@ def test_merged_thd_micro_batches_keep_every_sample(tmp_path):
      "/ 1 = 112, to be a multiple of 32"),
 ])
 def test_layouts_a_gpu_kernel_cannot_take_are_refused_before_any_work(tmp_path, data_prefix, overrides, message):
-    from minorsft_megatron.config import ConfigError, check_for_device, load_config
+    from minorsft_megatron.config import ConfigError, Source, check_for_device, load_config
     from tests.train_workers import tiny_config
 
     config = tiny_config(tmp_path, data_prefix, model={"spec": "auto"})
     with pytest.raises(ConfigError) as err:
-        check_for_device(load_config(config, overrides), config, "cpu")
-    assert str(err.value) == f"{config}: {message}"
+        check_for_device(load_config(config, overrides), Source.of(config, overrides), "cpu")
+    assert str(err.value) == f"command line: {message}"  # each named key was set by an override
 
 
 def test_packing_on_a_transformer_engine_without_thd_is_refused():

@@ -120,8 +120,9 @@ def pretrain_base(out: str, log: str, threads: int, overrides: list[str]) -> str
     config = os.path.join(HERE, "base.yaml")
     data = os.path.join(out, "data", "a_train")
     init = os.path.join(out, "init")
+    shutil.rmtree(base, ignore_errors=True)  # no complete base model: this stage starts again from scratch
     run_command([sys.executable, "-m", "minorsft_megatron.init_checkpoint", "--config", config, "--out", init,
-                 f"data.prefix={data}"], log, threads)
+                 "--overwrite", f"data.prefix={data}"], log, threads)
     run_command([sys.executable, "-m", "minorsft_megatron.train", "--config", config, f"data.prefix={data}",
                  f"output_dir={base}", f"checkpoint.init={init}", *overrides], log, threads)
     return ckpt

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minorsft_megatron.errors import UserError
 from minorsft_megatron.data.batch import SFTBatch, packed_micro_batch, padded_micro_batch, thd_micro_batch
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset or batch setting that cannot work; one line naming the file or key."""
 
 

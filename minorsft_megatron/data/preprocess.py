@@ -23,17 +23,20 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from minorsft_megatron.errors import UserError
+from minorsft_megatron import paths
 from minorsft_megatron.data.records import RecordError, parse_record
 from minorsft_megatron.data.templates import ChatTemplate, resolve_template, tokenize_conversation
 from minorsft_megatron.data.tokenizer import SFTTokenizer, TokenizerError, load_tokenizer, update_from_file
 
 FORMAT_VERSION = 1
 TRUNCATE_MODES = ("answer", "drop")
+WORKERS_PER_CPU = 4
 CHUNK_LINES = 256
 MAX_LISTED_BAD_RECORDS = 100
 
 
-class PreprocessError(ValueError):
+class PreprocessError(UserError):
     """Input or settings that stop preprocessing; the message is one line, FILE:LINE first where known."""
 
 
@@ -71,9 +74,24 @@ def check_settings(s: PreprocessSettings) -> None:
         raise PreprocessError(f"--seq-length must be at least 1, got {s.seq_length}")
     if s.workers < 1:
         raise PreprocessError(f"--workers must be at least 1, got {s.workers}")
-    out_dir = os.path.dirname(os.path.abspath(s.output_prefix))
-    if not os.path.isdir(out_dir):
-        raise PreprocessError(f"--output-prefix {s.output_prefix}: directory {out_dir} does not exist")
+    if s.workers > max_workers():
+        raise PreprocessError(f"--workers {s.workers}: at most {max_workers()} on this machine ({WORKERS_PER_CPU} per "
+                              "CPU core; more only fight over the cores)")
+    check_outputs(s)
+
+
+def max_workers() -> int:
+    return WORKERS_PER_CPU * (os.cpu_count() or 1)
+
+
+def check_outputs(s: PreprocessSettings) -> None:
+    """The output files can be written (their directory is created if missing) and replace no input."""
+    try:
+        paths.check_writable_dir(os.path.dirname(os.path.abspath(s.output_prefix)), "--output-prefix")
+        outputs = {f"--output-prefix's {os.path.basename(path)}": path for path in output_paths(s.output_prefix).values()}
+        paths.check_apart(outputs, {**{f"--input {path}": path for path in s.inputs}, "--tokenizer": s.tokenizer})
+    except paths.PathError as err:
+        raise PreprocessError(str(err))
 
 
 def output_paths(prefix: str) -> dict[str, str]:
@@ -208,7 +226,10 @@ class _Writers:
             builder.data_file.close()
 
     def remove_temporaries(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except OSError:  # a full disk fails the last flush too; the files go anyway
+            pass
         for path in self.tmp.values():
             if os.path.exists(path):
                 os.remove(path)
@@ -282,6 +303,9 @@ def preprocess(s: PreprocessSettings, log=print, warn=None) -> dict:
     input_hashes = [sha256_of_file(p) for p in s.inputs]
     token_dtype = DType.optimal_dtype(tokenizer.vocab_size)
     final = output_paths(s.output_prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(s.output_prefix)), exist_ok=True)
+    for path in final.values():
+        paths.remove_stale_temporaries(path)
     counts, start = Counts(), time.perf_counter()
     writers = _Writers(final, token_dtype)
     try:
@@ -348,6 +372,12 @@ class _Parser:
         return p
 
 
+def argv_prefix(argv) -> str | None:
+    """The --output-prefix of a command line, for messages about errors that name no file."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return argv[argv.index("--output-prefix") + 1] if "--output-prefix" in argv[:-1] else None
+
+
 def main(argv=None) -> int:
     """Command line entry; returns the exit status (0, or 1 with one line on stderr)."""
     import warnings
@@ -366,6 +396,10 @@ def main(argv=None) -> int:
         preprocess(settings)
     except (PreprocessError, MegatronVersionError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, a vanished directory: nothing was left written
+        where = err.filename or (argv_prefix(argv) or "the output")
+        print(f"error: {where}: {err.strerror or err}; nothing was written", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 
+from minorsft_megatron.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A record that cannot become a training sample; the message says what is wrong with it."""
 
 
@@ -28,6 +30,11 @@ def _text_field(obj: dict, key: str, where: str, required: bool = True) -> str |
         raise RecordError(f"{where}'{key}' must be a string, got {type(value).__name__}")
     if not value.strip():
         raise RecordError(f"{where}'{key}' is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON's \ud800 escapes decode to lone surrogates, which are not text
+        raise RecordError(f"{where}'{key}' is not valid Unicode (a lone surrogate, {value[err.start]!r}, at "
+                          f"character {err.start})")
     return value
 
 
@@ -61,6 +68,16 @@ def _conversation(obj: dict) -> list[dict]:
     return messages
 
 
+def _refuse_duplicate_keys(pairs: list) -> dict:
+    """A JSON object, refusing a key given twice (json keeps the last silently: which answer was meant?)."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise RecordError(f"the key '{key}' appears twice in one object")
+        seen.add(key)
+    return dict(pairs)
+
+
 def parse_record(line: bytes, special_tokens: frozenset[str] = frozenset()) -> list[dict] | None:
     """The chat messages of one JSONL line; None for a blank line.
 
@@ -75,7 +92,7 @@ def parse_record(line: bytes, special_tokens: frozenset[str] = frozenset()) -> l
     if not text.strip():
         return None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as err:
         raise RecordError(f"malformed JSON: {err.msg} at column {err.colno}")
     if not isinstance(obj, dict):

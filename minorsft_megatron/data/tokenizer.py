@@ -14,6 +14,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from minorsft_megatron.errors import UserError
+
 # Files of a Hugging Face tokenizer directory that determine how it tokenizes (model weights are not hashed).
 HF_TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -22,7 +24,7 @@ HF_TOKENIZER_FILES = (
 TIKTOKEN_NUM_SPECIAL_TOKENS = 1000  # megatron-core's default: ids below this are special tokens
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer path that cannot be loaded or lacks something a setting needs."""
 
 
@@ -126,7 +128,10 @@ def _none_if_negative(value):
 def _load_sentencepiece(path):
     from megatron.core.tokenizers import MegatronTokenizer
 
-    tok = MegatronTokenizer.from_pretrained(path, metadata_path={"library": "sentencepiece"})
+    try:
+        tok = MegatronTokenizer.from_pretrained(path, metadata_path={"library": "sentencepiece"})
+    except (RuntimeError, OSError, ValueError) as err:  # sentencepiece's error for a damaged .model
+        raise TokenizerError(f"{path}: cannot load the SentencePiece model: {(str(err).splitlines() or [''])[0]}")
     sp = tok._tokenizer.tokenizer
     specials = {sp.id_to_piece(i) for i in range(sp.get_piece_size()) if _is_user_defined(sp, i)}
     return tok, dict(
