@@ -24,6 +24,7 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "hf": ["transformers", "safetensors", "tokenizers"],
         "tiktoken": ["tiktoken"],
-        "dev": ["pytest", "transformers", "tokenizers", "tiktoken"],
+        "data": ["pyarrow", "datasets"],
+        "dev": ["pytest", "transformers", "tokenizers", "tiktoken", "pyarrow", "datasets"],
     },
 )

@@ -89,11 +89,11 @@ def write_random_llama(path: str, hidden: int, layers: int, vocab: int) -> tuple
 def convert_in_child(direction: str, source: str, target: str) -> tuple[int, int]:
     """Run one direction in a fresh process (so one direction's freed memory does not hide the other's)."""
     import json
-    import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, __file__, "--child", direction, source, target], check=True,
-                         capture_output=True, text=True).stdout
+    from children import run_child
+
+    out = run_child([sys.executable, __file__, "--child", direction, source, target], direction).stdout
     result = json.loads(out.strip().splitlines()[-1])
     return result["base"], result["peak"]
 

@@ -22,9 +22,10 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
+
+from children import run_child
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {  # Llama-style shapes, vocabulary 32,000 (the bundled 1,024-piece tokenizer fits in it)
@@ -53,10 +54,9 @@ def synthetic_records(path: str, n: int, words: int) -> None:
 
 
 def run(args: list[str], nproc: int) -> None:
-    cmd = ["torchrun", "--nproc-per-node", str(nproc), "--master-port", str(29300 + os.getpid() % 500), *args]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    cmd = [sys.executable, "-m", "minorsft_megatron.launch", "--nproc-per-node", str(nproc), "--master-port",
+           str(29300 + os.getpid() % 500), *args]
+    run_child(cmd, " ".join(args[:2]))
 
 
 def summarise(run_dir: str) -> dict:
@@ -87,9 +87,9 @@ def main() -> int:
         records = os.path.join(tmp, "records.jsonl")
         synthetic_records(records, 4 * gbs * (args.steps + 2), words=seq // 2)
         prefix = os.path.join(tmp, "data")
-        subprocess.run([sys.executable, "tools/preprocess_sft_data.py", "--input", records, "--tokenizer",
-                        "examples/data/tokenizer.model", "--chat-template", "none", "--seq-length", str(seq),
-                        "--output-prefix", prefix, "--workers", "4"], cwd=REPO, check=True, capture_output=True)
+        run_child([sys.executable, "tools/preprocess_sft_data.py", "--input", records, "--tokenizer",
+                   "examples/data/tokenizer.model", "--chat-template", "none", "--seq-length", str(seq),
+                   "--output-prefix", prefix, "--workers", "4"], "preprocessing the synthetic records")
         model = [f"model.{k}={v}" for k, v in SIZES[size].items()] + [
             "model.vocab_size=32000", f"model.max_position_embeddings={seq}",
             "model.spec=" + ("local" if args.smoke else "te")]

@@ -18,18 +18,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
+
+from children import ensure_dataset, run_child
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WARMUP_STEPS = 3
 
 
 def torchrun(nproc: int, module: str, args: list[str]) -> None:
-    cmd = ["torchrun", "--nproc-per-node", str(nproc), "--master-port", str(29400 + os.getpid() % 500),
-           "-m", module, *args]
-    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [sys.executable, "-m", "minorsft_megatron.launch", "--nproc-per-node", str(nproc), "--master-port",
+           str(29400 + os.getpid() % 500), "-m", module, *args]
+    run_child(cmd, module)
 
 
 def measure(run_dir: str) -> tuple[float, float]:
@@ -49,10 +50,11 @@ def main() -> int:
         init, cache = os.path.join(tmp, "init"), os.path.join(tmp, "ref.jsonl")
         base = ["--config", args.config, f"train_steps={args.steps}", f"checkpoint.init={init}",
                 "logging.interval=1000", "logging.tensorboard=false"]
-        torchrun(args.nproc, "minorsft_megatron.init_checkpoint", ["--config", args.config, "--out", init])
         from minorsft_megatron.config import load_config
 
         cfg = load_config(os.path.join(REPO, args.config))
+        ensure_dataset(cfg.data.prefix)
+        torchrun(args.nproc, "minorsft_megatron.init_checkpoint", ["--config", args.config, "--out", init])
         torchrun(args.nproc, "minorsft_megatron.score",
                  ["--load", init, "--tp", str(cfg.parallel.tp), "--pp", str(cfg.parallel.pp),
                   "--data", cfg.data.prefix, "--out", cache])

@@ -16,7 +16,7 @@ launch/torchrun.sh examples/tiny_cpu.yaml
 launch/torchrun.sh examples/tiny_cpu.yaml loss.name=sft_seq output_dir=runs/tiny_cpu_sft_seq
 
 python tools/plot_metrics.py runs/tiny_cpu runs/tiny_cpu_sft_seq --labels minor_sft sft_seq \
-    --out runs/tiny_cpu/metrics.png
+    --out runs/tiny_cpu/metrics.png --loss
 
 cat <<DONE
 

@@ -180,7 +180,7 @@ BAD_RECORDS = {
     "missing field": (b'{"prompt": "hello"}', "'response' is missing"),
     "empty field": (b'{"prompt": "hello", "response": "  "}', "'response' is empty"),
     "wrong type": (b'{"prompt": 7, "response": "x"}', "'prompt' must be a string, got int"),
-    "both shapes": (b'{"prompt": "a", "response": "b", "messages": []}', "exactly one of them"),
+    "both shapes": (b'{"prompt": "a", "response": "b", "messages": []}', "holds the keys of several formats"),
     "unknown role": (b'{"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}',
                      "messages[0].role is 'tool'"),
     "no assistant turn": (b'{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Plot m_theta and loss over training steps for several runs side by side (the paper's Figure 1).
+"""Compare runs on the same quantities over training steps (the paper's Figure 1 and more):
 
-    python tools/plot_metrics.py RUN [RUN ...] --out metrics.png [--labels A B ...]
+    python tools/plot_metrics.py RUN [RUN ...] --out metrics.png [--labels A B ...] [--loss]
 
+Panels: m_theta (deviation from the reference, logged whenever a reference is present) and the answer NLL per
+token, -logp_per_token (logged for every loss), so methods are compared on one scale; `--loss` adds each run's
+own training loss as a third panel (MinorSFT's loss is down-weighted: not comparable with raw SFT's).
 RUN is a run directory (holding metrics.jsonl) or a metrics .jsonl file.
 """
 
@@ -33,24 +36,40 @@ def read_metrics(run: str) -> list[dict]:
     return [last[i] for i in sorted(last)]
 
 
-def plot(runs: list[str], labels: list[str], out: str) -> None:
+PANELS = {  # metric -> (title, y label, value of a metrics row)
+    "m_theta": ("deviation from the reference, m_theta", "mean (1/m) log pi/pi_ref", lambda r: r.get("m_theta")),
+    "nll": ("answer NLL per token", "-logp_per_token", lambda r: -r["logp_per_token"] if "logp_per_token" in r
+            else None),
+    "loss": ("each method's own training loss", "loss", lambda r: r.get("loss")),
+}
+
+
+def series(rows: list[dict], name: str) -> list[tuple[int, float]]:
+    """(iteration, value) of panel `name` over the rows that log it."""
+    points = [(r["iteration"], PANELS[name][2](r)) for r in rows]
+    return [(step, value) for step, value in points if value is not None]
+
+
+def plot(runs: list[str], labels: list[str], out: str, with_loss: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = ["m_theta", "nll"] + (["loss"] if with_loss else [])
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4))
     for run, label in zip(runs, labels):
         rows = read_metrics(run)
-        steps = [r["iteration"] for r in rows]
-        if any("m_theta" in r for r in rows):
-            left.plot(steps, [r.get("m_theta", float("nan")) for r in rows], label=label)
-        right.plot(steps, [r["loss"] for r in rows], label=label)
-    left.set(title="deviation from the reference, m_theta", xlabel="step", ylabel="mean (1/m) log pi/pi_ref")
-    right.set(title="training loss", xlabel="step", ylabel="loss")
-    for ax in (left, right):
+        for ax, name in zip(axes, names):
+            points = series(rows, name)
+            if points:
+                ax.plot(*zip(*points), label=label)
+    for ax, name in zip(axes, names):
+        title, ylabel, _ = PANELS[name]
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     tmp = f"{out}.tmp.png"
     fig.savefig(tmp, dpi=110)
@@ -62,13 +81,14 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", metavar="RUN")
     parser.add_argument("--out", required=True)
     parser.add_argument("--labels", nargs="+")
+    parser.add_argument("--loss", action="store_true", help="add each run's own training loss as a third panel")
     args = parser.parse_args(argv)
     labels = args.labels or [os.path.basename(os.path.normpath(r)) for r in args.runs]
     if len(labels) != len(args.runs):
         print(f"error: --labels: {len(labels)} labels for {len(args.runs)} runs", file=sys.stderr)
         return 2
     try:
-        plot(args.runs, labels, args.out)
+        plot(args.runs, labels, args.out, args.loss)
     except (ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,8 @@
-"""JSONL SFT records -> megatron-core IndexedDataset files of token ids and answer masks, plus a JSON sidecar.
+"""SFT records -> megatron-core IndexedDataset files of token ids and answer masks, plus a JSON sidecar.
+
+Inputs: .jsonl, .jsonl.gz, .json (a list), Parquet, or a Hugging Face datasets directory (data/sources.py), in any
+of the record formats of data/formats.py, detected per record from its keys (or forced with --format); a record
+holding part of a format's keys is read in its file's format (its first record's), naming what is missing.
 
 Outputs for `--output-prefix P`:
   P_tokens.bin / .idx        token ids, one sequence per sample (megatron-core IndexedDataset)
@@ -25,11 +29,13 @@ import numpy as np
 
 from minorsft_megatron.errors import UserError
 from minorsft_megatron import paths
-from minorsft_megatron.data.records import RecordError, parse_record
+from minorsft_megatron.data import sources
+from minorsft_megatron.data.formats import FORMATS, detect_format, record_messages, select_columns
+from minorsft_megatron.data.records import RecordError, parse_json_record
 from minorsft_megatron.data.templates import ChatTemplate, resolve_template, tokenize_conversation
-from minorsft_megatron.data.tokenizer import SFTTokenizer, TokenizerError, load_tokenizer, update_from_file
+from minorsft_megatron.data.tokenizer import SFTTokenizer, TokenizerError, load_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: record formats and containers recorded per input
 TRUNCATE_MODES = ("answer", "drop")
 WORKERS_PER_CPU = 4
 CHUNK_LINES = 256
@@ -43,7 +49,7 @@ class PreprocessError(UserError):
 @dataclass
 class PreprocessSettings:
     inputs: list[str]
-    """JSONL files, read in this order."""
+    """Record files or datasets directories (data/sources.py), read in this order."""
     tokenizer: str
     """SentencePiece .model, Hugging Face tokenizer directory, or tiktoken vocabulary .json."""
     output_prefix: str
@@ -58,16 +64,24 @@ class PreprocessSettings:
     """Tokenizing processes. Does not change a byte of the output."""
     skip_bad_records: bool = False
     """Count and skip bad records (with a warning each) instead of stopping at the first."""
+    record_format: str | None = None
+    """A format of data/formats.py for every input; None: detected per file from its first record."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Format key -> the column holding it (e.g. {"messages": "chosen"}), for files with other names or
+    several sets of text columns."""
+    split: str | None = None
+    """The split to read from Hugging Face DatasetDict directories (needed when one holds several)."""
 
 
 def check_settings(s: PreprocessSettings) -> None:
     if not s.inputs:
         raise PreprocessError("--input: no input files given")
-    for path in s.inputs:
-        if not os.path.isfile(path):
-            raise PreprocessError(f"{path}: no such file")
-        if os.path.getsize(path) == 0:
-            raise PreprocessError(f"{path}: the file is empty")
+    if s.record_format is not None and s.record_format not in FORMATS:
+        raise PreprocessError(f"--format {s.record_format!r} is not one of auto, {', '.join(FORMATS)}")
+    keys = {key for f in FORMATS.values() for key in f.keys} | {"system", "input", "history"}
+    unknown = sorted(set(s.columns) - keys)
+    if unknown:
+        raise PreprocessError(f"--columns: {', '.join(unknown)} is not a record key (known: {', '.join(sorted(keys))})")
     if s.truncate not in TRUNCATE_MODES:
         raise PreprocessError(f"--truncate {s.truncate!r} is not one of {', '.join(TRUNCATE_MODES)}")
     if s.seq_length is not None and s.seq_length < 1:
@@ -102,18 +116,21 @@ def output_paths(prefix: str) -> dict[str, str]:
     }
 
 
-def sha256_of_file(path: str) -> str:
-    """SHA-256 of the file's bytes alone (its name is not part of the dataset fingerprint)."""
-    digest = hashlib.sha256()
-    update_from_file(digest, path)
-    return digest.hexdigest()
+def open_sources(s: PreprocessSettings) -> list[sources.Source]:
+    try:
+        return [sources.open_source(path, s.split) for path in s.inputs]
+    except sources.SourceError as err:
+        raise PreprocessError(str(err))
 
 
-def fingerprint(input_hashes: list[str], tokenizer: SFTTokenizer, template: ChatTemplate, s) -> str:
-    """Hash of everything that decides the output bytes: inputs, tokenizer files, template text, settings."""
+def fingerprint(input_hashes: list[str], formats: list[dict], tokenizer: SFTTokenizer,
+                template: ChatTemplate, s) -> str:
+    """Hash of everything that decides the output bytes: inputs and how they were read (record formats, forced or
+    not, columns), tokenizer files, template text, settings."""
     identity = {
-        "format_version": FORMAT_VERSION, "inputs": input_hashes,
-        "tokenizer": [tokenizer.library, tokenizer.sha256], "chat_template": template.sha256,
+        "format_version": FORMAT_VERSION, "inputs": input_hashes, "record_formats": formats,
+        "forced_format": s.record_format, "columns": s.columns, "tokenizer": [tokenizer.library, tokenizer.sha256],
+        "chat_template": template.sha256,
         "seq_length": s.seq_length, "truncate": s.truncate,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
@@ -127,6 +144,12 @@ class _Job:
     template: ChatTemplate
     seq_length: int | None
     truncate: str
+    inputs: list[sources.Source]
+    formats: list[str | None]
+    """Per input: its first record's format, for records holding only part of a format's keys (None: no record
+    of it has a known format); with `forced`, the format of every record."""
+    forced: bool
+    columns: dict[str, str]
 
 
 _JOB: _Job | None = None
@@ -145,47 +168,62 @@ def fit_to_length(ids: np.ndarray, mask: np.ndarray, seq_length: int | None, tru
     return ids, mask, ("truncated" if mask[1:].any() else "dropped")
 
 
-def process_line(line: bytes):
-    """('sample', ids, mask, status) | ('blank',) | ('bad', message) for one JSONL line."""
+def process_record(record, file_index: int):
+    """('sample', ids, mask, status, format) | ('blank',) | ('bad', message) for one record (JSON text or a
+    row)."""
     job = _JOB
     try:
-        messages = parse_record(line, job.tokenizer.special_tokens)
-        if messages is None:
+        obj = parse_json_record(record) if isinstance(record, bytes) else record
+        if obj is None:
             return ("blank",)
+        name, messages = record_messages(obj, job.formats[file_index], job.columns, job.tokenizer.special_tokens,
+                                         job.forced)
         ids, mask = tokenize_conversation(messages, job.template, job.tokenizer)
     except RecordError as err:
         return ("bad", str(err))
-    return ("sample", *fit_to_length(ids, mask, job.seq_length, job.truncate))
+    return ("sample", *fit_to_length(ids, mask, job.seq_length, job.truncate), name)
 
 
 def process_chunk(chunk):
-    return [(where, process_line(line)) for where, line in chunk]
+    return [(where, process_record(record, where[0])) for where, record in chunk]
 
 
-def read_chunks(paths: list[str]):
-    """Lists of ((file_index, line_number), raw line bytes), CHUNK_LINES at a time, in input order."""
+def read_chunks(inputs: list[sources.Source]):
+    """Lists of ((file_index, line or row number), record), CHUNK_LINES at a time, in input order."""
     chunk = []
-    for file_index, path in enumerate(paths):
-        with open(path, "rb") as f:
-            for line_number, line in enumerate(f, start=1):
-                chunk.append(((file_index, line_number), line))
-                if len(chunk) == CHUNK_LINES:
-                    yield chunk
-                    chunk = []
+    for file_index, source in enumerate(inputs):
+        for number, record in sources.records(source):
+            chunk.append(((file_index, number), record))
+            if len(chunk) == CHUNK_LINES:
+                yield chunk
+                chunk = []
     if chunk:
         yield chunk
 
 
-def processed_lines(paths: list[str], workers: int):
-    """((file_index, line_number), result) for every line, in input order, computed by `workers` processes."""
+def processed_records(inputs: list[sources.Source], workers: int):
+    """((file_index, number), result) for every record, in input order, computed by `workers` processes."""
     if workers == 1:
-        for chunk in read_chunks(paths):
+        for chunk in read_chunks(inputs):
             yield from process_chunk(chunk)
         return
     context = multiprocessing.get_context("fork")  # workers inherit the loaded tokenizer (_JOB)
     with context.Pool(workers) as pool:
-        for results in pool.imap(process_chunk, read_chunks(paths), chunksize=1):
+        for results in pool.imap(process_chunk, read_chunks(inputs), chunksize=1):
             yield from results
+
+
+def file_format(source: sources.Source, columns: dict[str, str]) -> str | None:
+    """The format of a file's first record that has one (records before it are bad; they are reported as such
+    when processed); None when none has."""
+    for _, record in sources.records(source):
+        try:
+            obj = parse_json_record(record) if isinstance(record, bytes) else record
+            if obj is not None:
+                return detect_format(select_columns(obj, columns))
+        except RecordError:
+            continue
+    return None
 
 
 # ---- writing --------------------------------------------------------------------------------------------------
@@ -201,6 +239,8 @@ class Counts:
     bad_records: int = 0
     max_sample_tokens: int = 0
     bad_record_list: list = field(default_factory=list)
+    formats: dict = field(default_factory=dict)
+    """(input index, record format) -> samples."""
 
 
 class _Writers:
@@ -248,7 +288,7 @@ def _record_result(result, where, counts: Counts, writers: _Writers, s: Preproce
     if kind == "blank":
         return
     counts.records += 1
-    location = f"{s.inputs[where[0]]}:{where[1]}"
+    location = _JOB.inputs[where[0]].place(where[1])
     if kind == "bad":
         if not s.skip_bad_records:
             raise PreprocessError(f"{location}: {result[1]}")
@@ -257,7 +297,8 @@ def _record_result(result, where, counts: Counts, writers: _Writers, s: Preproce
             counts.bad_record_list.append(f"{location}: {result[1]}")
             warn(f"{location}: warning: skipped: {result[1]}")
         return
-    _, ids, mask, status = result
+    _, ids, mask, status, name = result
+    counts.formats[where[0], name] = counts.formats.get((where[0], name), 0) + 1
     if status == "dropped":
         counts.dropped_too_long += 1
         return
@@ -269,14 +310,19 @@ def _record_result(result, where, counts: Counts, writers: _Writers, s: Preproce
     counts.max_sample_tokens = max(counts.max_sample_tokens, len(ids))
 
 
-def sidecar(s, tokenizer, template, input_hashes, counts: Counts, token_dtype, prefix) -> dict:
+def sidecar(s, job: _Job, input_hashes, counts: Counts, token_dtype, prefix) -> dict:
     listed = counts.bad_record_list
-    numbers = {k: v for k, v in asdict(counts).items() if k != "bad_record_list"}
+    numbers = {k: v for k, v in asdict(counts).items() if k not in ("bad_record_list", "formats")}
+    tokenizer, template = job.tokenizer, job.template
+    formats_read = [{name: n for (i, name), n in sorted(counts.formats.items()) if i == index}
+                    for index in range(len(job.inputs))]  # per input: samples read in each record format
     return {
         "format": "minorsft-megatron SFT dataset", "format_version": FORMAT_VERSION,
-        "fingerprint": fingerprint(input_hashes, tokenizer, template, s),
-        "inputs": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "sha256": h}
-                   for p, h in zip(s.inputs, input_hashes)],
+        "fingerprint": fingerprint(input_hashes, formats_read, tokenizer, template, s),
+        "inputs": [{"path": os.path.abspath(source.path), "container": source.container, "split": source.split,
+                    "record_formats": read, "bytes": sources.size(source), "sha256": h}
+                   for source, read, h in zip(job.inputs, formats_read, input_hashes)],
+        "forced_format": s.record_format, "columns": s.columns,
         "tokenizer": tokenizer.identity,
         "chat_template": {"name": template.name, "sha256": template.sha256},
         "settings": {"seq_length": s.seq_length, "truncate": s.truncate},
@@ -287,6 +333,19 @@ def sidecar(s, tokenizer, template, input_hashes, counts: Counts, token_dtype, p
     }
 
 
+def new_job(s: PreprocessSettings) -> _Job:
+    """The inputs opened, the tokenizer loaded, the template resolved, each input's fallback format found."""
+    inputs = open_sources(s)
+    try:
+        tokenizer = load_tokenizer(s.tokenizer)
+        template = resolve_template(s.chat_template, tokenizer)
+    except TokenizerError as err:
+        raise PreprocessError(str(err))
+    formats = [s.record_format or file_format(source, s.columns) for source in inputs]
+    return _Job(tokenizer, template, s.seq_length, s.truncate, inputs, formats, s.record_format is not None,
+                s.columns)
+
+
 def preprocess(s: PreprocessSettings, log=print, warn=None) -> dict:
     """Run the whole conversion; returns the sidecar dict. Raises PreprocessError (nothing left written)."""
     global _JOB
@@ -294,14 +353,10 @@ def preprocess(s: PreprocessSettings, log=print, warn=None) -> dict:
 
     warn = warn or (lambda message: print(message, file=sys.stderr))
     check_settings(s)
-    try:
-        tokenizer = load_tokenizer(s.tokenizer)
-        template = resolve_template(s.chat_template, tokenizer)
-    except TokenizerError as err:
-        raise PreprocessError(str(err))
-    _JOB = _Job(tokenizer, template, s.seq_length, s.truncate)
-    input_hashes = [sha256_of_file(p) for p in s.inputs]
-    token_dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    _JOB = new_job(s)
+    inputs, template = _JOB.inputs, _JOB.template
+    input_hashes = [sources.sha256(source) for source in inputs]
+    token_dtype = DType.optimal_dtype(_JOB.tokenizer.vocab_size)
     final = output_paths(s.output_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(s.output_prefix)), exist_ok=True)
     for path in final.values():
@@ -309,15 +364,17 @@ def preprocess(s: PreprocessSettings, log=print, warn=None) -> dict:
     counts, start = Counts(), time.perf_counter()
     writers = _Writers(final, token_dtype)
     try:
-        for where, result in processed_lines(s.inputs, s.workers):
-            _record_result(result, where, counts, writers, s, warn)
+        with progress_bar(inputs) as bar:
+            for where, result in processed_records(inputs, s.workers):
+                _record_result(result, where, counts, writers, s, warn)
+                bar.update(1)
         if counts.samples == 0:
             raise PreprocessError(
                 f"{', '.join(s.inputs)}: no samples ({counts.records} records: {counts.bad_records} bad, "
                 f"{counts.dropped_too_long} too long)"
             )
         writers.finalize()
-        meta = sidecar(s, tokenizer, template, input_hashes, counts, token_dtype, s.output_prefix)
+        meta = sidecar(s, _JOB, input_hashes, counts, token_dtype, s.output_prefix)
         with open(writers.tmp["sidecar"], "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
             f.write("\n")
@@ -330,6 +387,15 @@ def preprocess(s: PreprocessSettings, log=print, warn=None) -> dict:
     seconds = time.perf_counter() - start
     log(summary(counts, seconds, template, final))
     return meta
+
+
+def progress_bar(inputs: list[sources.Source]):
+    """A tqdm bar of records processed, on a terminal only (stderr); a silent counter elsewhere."""
+    from tqdm import tqdm
+
+    label = inputs[0].label if len(inputs) == 1 else f"{len(inputs)} inputs"
+    return tqdm(desc=f"preprocessing {label}", unit=" records", disable=not sys.stderr.isatty(), leave=False,
+                mininterval=0.5)
 
 
 def summary(c: Counts, seconds: float, template: ChatTemplate, final: dict[str, str]) -> str:
@@ -357,7 +423,16 @@ class _Parser:
 
         p = OneLineParser(prog="preprocess_sft_data.py", description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--input", nargs="+", required=True, metavar="FILE.jsonl", help="JSONL files, in order")
+        p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                       help=".jsonl, .jsonl.gz, .json (a list), .parquet files or datasets save_to_disk directories, in "
+                            "order; any mix of record formats, one per file")
+        p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
+                       help="the record format of every input (default: detected per file from its first record)")
+        p.add_argument("--columns", default=None, type=columns_argument, metavar="KEY=COLUMN[,KEY=COLUMN]",
+                       help="read a format's key from another column, e.g. messages=chosen or "
+                            "prompt=question,response=answer")
+        p.add_argument("--split", default=None, metavar="NAME",
+                       help="the split of a datasets DatasetDict directory (needed when it holds several)")
         p.add_argument("--tokenizer", required=True, metavar="PATH",
                        help="SentencePiece .model, Hugging Face tokenizer directory, or tiktoken vocabulary .json")
         p.add_argument("--output-prefix", required=True, metavar="PREFIX")
@@ -372,6 +447,16 @@ class _Parser:
         return p
 
 
+def columns_argument(text: str) -> dict[str, str]:
+    """`KEY=COLUMN[,KEY=COLUMN]` -> {KEY: COLUMN}."""
+    import argparse
+
+    pairs = [item.partition("=") for item in text.split(",")]
+    if any(not key or not sep or not column for key, sep, column in pairs):
+        raise argparse.ArgumentTypeError(f"expected KEY=COLUMN[,KEY=COLUMN], got {text!r}")
+    return {key.strip(): column.strip() for key, _, column in pairs}
+
+
 def argv_prefix(argv) -> str | None:
     """The --output-prefix of a command line, for messages about errors that name no file."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -382,7 +467,7 @@ def main(argv=None) -> int:
     """Command line entry; returns the exit status (0, or 1 with one line on stderr)."""
     import warnings
 
-    from minorsft_megatron.compat import MegatronVersionError, check_megatron_version
+    from minorsft_megatron.compat import check_megatron_version
 
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")  # import-time notes about Apex/TE
     try:
@@ -391,10 +476,11 @@ def main(argv=None) -> int:
         settings = PreprocessSettings(
             inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
             chat_template=args.chat_template, seq_length=args.seq_length, truncate=args.truncate,
-            workers=args.workers, skip_bad_records=args.skip_bad_records,
+            workers=args.workers, skip_bad_records=args.skip_bad_records, columns=args.columns or {},
+            record_format=None if args.format == "auto" else args.format, split=args.split,
         )
         preprocess(settings)
-    except (PreprocessError, MegatronVersionError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # a full disk, a vanished directory: nothing was left written

@@ -1,10 +1,8 @@
-"""SFT records: one JSON object per line, checked and turned into a list of chat messages.
+"""SFT records: JSON text checked and parsed, text fields checked, and a record turned into chat messages
+in whichever of the formats in formats.py it is written.
 
-Two shapes are accepted:
-  {"prompt": str, "response": str, "system": str?}      -> [system?, user, assistant]
-  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-Other top-level keys (an "id", say) are ignored. Every problem raises RecordError with a message that the
-caller prefixes with FILE:LINE.
+Every problem raises RecordError with a message that the caller prefixes with the record's place (FILE:LINE, or
+a row).
 """
 
 from __future__ import annotations
@@ -20,52 +18,18 @@ class RecordError(UserError):
     """A record that cannot become a training sample; the message says what is wrong with it."""
 
 
-def _text_field(obj: dict, key: str, where: str, required: bool = True) -> str | None:
-    if key not in obj:
-        if required:
-            raise RecordError(f"{where}'{key}' is missing")
-        return None
-    value = obj[key]
+def text_value(value, where: str) -> str:
+    """`value` as training text: a non-blank string of valid Unicode; `where` names it in errors."""
     if not isinstance(value, str):
-        raise RecordError(f"{where}'{key}' must be a string, got {type(value).__name__}")
+        raise RecordError(f"{where} must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise RecordError(f"{where}'{key}' is empty")
+        raise RecordError(f"{where} is empty")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:  # JSON's \ud800 escapes decode to lone surrogates, which are not text
-        raise RecordError(f"{where}'{key}' is not valid Unicode (a lone surrogate, {value[err.start]!r}, at "
+        raise RecordError(f"{where} is not valid Unicode (a lone surrogate, {value[err.start]!r}, at "
                           f"character {err.start})")
     return value
-
-
-def _prompt_response(obj: dict) -> list[dict]:
-    system = _text_field(obj, "system", "", required=False)
-    messages = [{"role": "system", "content": system}] if system is not None else []
-    return messages + [
-        {"role": "user", "content": _text_field(obj, "prompt", "")},
-        {"role": "assistant", "content": _text_field(obj, "response", "")},
-    ]
-
-
-def _conversation(obj: dict) -> list[dict]:
-    turns = obj["messages"]
-    if not isinstance(turns, list):
-        raise RecordError(f"'messages' must be a list, got {type(turns).__name__}")
-    if not turns:
-        raise RecordError("'messages' is empty")
-    messages = []
-    for i, turn in enumerate(turns):
-        where = f"messages[{i}]."
-        if not isinstance(turn, dict):
-            raise RecordError(f"messages[{i}] must be an object, got {type(turn).__name__}")
-        role = turn.get("role")
-        if role not in ROLES:
-            shown = "missing" if "role" not in turn else repr(role)
-            raise RecordError(f"{where}role is {shown}, expected one of {', '.join(ROLES)}")
-        messages.append({"role": role, "content": _text_field(turn, "content", where)})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RecordError("the conversation has no assistant turn")
-    return messages
 
 
 def _refuse_duplicate_keys(pairs: list) -> dict:
@@ -78,13 +42,9 @@ def _refuse_duplicate_keys(pairs: list) -> dict:
     return dict(pairs)
 
 
-def parse_record(line: bytes, special_tokens: frozenset[str] = frozenset()) -> list[dict] | None:
-    """The chat messages of one JSONL line; None for a blank line.
-
-    Raises RecordError for invalid UTF-8, malformed JSON, a wrong shape, missing/empty/mistyped fields, unknown
-    roles, a conversation without an assistant turn, or content holding one of `special_tokens` (which would
-    otherwise be read as a chat marker).
-    """
+def parse_json_record(line: bytes) -> dict | None:
+    """The JSON object of one record's text; None for a blank line. RecordError for invalid UTF-8, malformed
+    JSON, a key given twice, or something other than an object."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -97,12 +57,21 @@ def parse_record(line: bytes, special_tokens: frozenset[str] = frozenset()) -> l
         raise RecordError(f"malformed JSON: {err.msg} at column {err.colno}")
     if not isinstance(obj, dict):
         raise RecordError(f"a record must be a JSON object, got {type(obj).__name__}")
-    has_pair, has_messages = ("prompt" in obj or "response" in obj), "messages" in obj
-    if has_pair == has_messages:
-        raise RecordError("a record needs either 'prompt' and 'response' or 'messages' (exactly one of them)")
-    messages = _conversation(obj) if has_messages else _prompt_response(obj)
-    for i, message in enumerate(messages):
+    return obj
+
+
+def check_special_tokens(messages: list[dict], special_tokens: frozenset[str]) -> list[dict]:
+    """Refuse content holding one of the tokenizer's special tokens (it would be read as a chat marker)."""
+    for message in messages:
         for token in special_tokens:
             if token in message["content"]:
                 raise RecordError(f"{message['role']} content holds the special token {token!r}")
     return messages
+
+
+def parse_record(line: bytes, special_tokens: frozenset[str] = frozenset()) -> list[dict] | None:
+    """The chat messages of one JSONL line in any known format (detected from its keys); None for a blank line."""
+    from minorsft_megatron.data.formats import record_messages
+
+    obj = parse_json_record(line)
+    return None if obj is None else record_messages(obj, special_tokens=special_tokens)[1]

@@ -1,4 +1,5 @@
-"""Chat templates: a conversation -> token ids plus a per-token answer mask (1 on every assistant turn).
+"""Chat templates: a conversation -> token ids plus a per-token answer mask (1 on every assistant turn, except
+one marked `"train": False`: context, as TRL's conversational prompt-completion prompts are).
 
 A template is Jinja text (HF-style: `messages`, `add_generation_prompt`, `bos_token`, `eos_token`), or
 'none'. Built-ins: `chatml` (Qwen) and `llama3`; `auto` takes the template in a Hugging Face tokenizer's
@@ -123,12 +124,17 @@ def render(template: ChatTemplate, tokenizer: SFTTokenizer, messages, add_genera
         raise RecordError(f"chat template {template.name!r} failed: {err}")
 
 
+def is_trained(message: dict) -> bool:
+    """An assistant turn not marked `"train": False` (context a record format says is not an answer)."""
+    return message["role"] == "assistant" and message.get("train", True)
+
+
 def answer_spans(template: ChatTemplate, tokenizer: SFTTokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the [start, end) character span of each assistant turn in it."""
+    """The rendered conversation and the [start, end) character span of each trained assistant turn in it."""
     text = render(template, tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if not is_trained(message):
             continue
         before = render(template, tokenizer, messages[:i], add_generation_prompt=True)
         through = render(template, tokenizer, messages[: i + 1])
@@ -155,10 +161,10 @@ def tokenize_conversation(messages, template: ChatTemplate, tokenizer: SFTTokeni
     if template.jinja is None:
         ids, mask = ([tokenizer.bos_id], [0]) if tokenizer.adds_bos else ([], [])
         for message in messages:
-            trained = message["role"] == "assistant"
-            piece = tokenizer.encode(message["content"]) + ([tokenizer.eos_id] if trained else [])
+            answer = message["role"] == "assistant"
+            piece = tokenizer.encode(message["content"]) + ([tokenizer.eos_id] if answer else [])
             ids += piece
-            mask += [int(trained)] * len(piece)
+            mask += [int(is_trained(message))] * len(piece)
     else:
         text, spans = answer_spans(template, tokenizer, messages)
         ids, mask = [], []

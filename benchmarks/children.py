@@ -1,0 +1,45 @@
+"""What the benchmarks share: running a child command so that its failure is one line with the child's own
+error (not a CalledProcessError traceback), and the quickstart data they measure on, prepared when missing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART_DATA = os.path.join("runs", "data", "sft_train")
+"""The dataset examples/tiny_cpu.yaml reads (relative to the repository), written by examples/quickstart.sh."""
+
+
+def child_error(stderr: str, returncode: int) -> str:
+    """The child's own last error line (its one-line `error: ...`, or a traceback's last line)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [f"exit status {returncode}"])[-1]
+
+
+def run_child(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run `cmd` (stdout and stderr captured); on failure stop this benchmark with one line naming `what` and
+    the child's error."""
+    done = subprocess.run(cmd, cwd=kwargs.pop("cwd", REPO), capture_output=True, text=True, **kwargs)
+    if done.returncode:
+        print(f"error: {what} failed: {child_error(done.stderr, done.returncode)}", file=sys.stderr)
+        raise SystemExit(2)
+    return done
+
+
+def ensure_dataset(prefix: str) -> None:
+    """The dataset at `prefix` exists: the quickstart's is prepared as examples/quickstart.sh prepares it; for any
+    other, stop in one line saying what to run first."""
+    path = prefix if os.path.isabs(prefix) else os.path.join(REPO, prefix)
+    if os.path.isfile(f"{path}.json"):
+        return
+    if os.path.normpath(prefix) != QUICKSTART_DATA:
+        print(f"error: data.prefix {prefix}: no dataset there; write it first with tools/preprocess_sft_data.py "
+              f"--output-prefix {prefix} (docs/data.md)", file=sys.stderr)
+        raise SystemExit(2)
+    print(f"preparing {prefix} (as examples/quickstart.sh does)", file=sys.stderr)
+    run_child([sys.executable, "tools/preprocess_sft_data.py", "--input", "examples/data/sft_train.jsonl",
+               "--tokenizer", "examples/data/tokenizer.model", "--chat-template", "chatml", "--seq-length", "128",
+               "--output-prefix", prefix, "--workers", "2"], f"preparing {prefix}")

@@ -1,0 +1,38 @@
+"""benchmarks/children.py: a benchmark's failing child is one line with the child's own error; a missing
+dataset stops it in one line saying what to run first."""
+
+import os
+import subprocess
+import sys
+
+from tests.tokenizers_for_tests import REPO
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {bench!r})
+from children import ensure_dataset, run_child
+{call}
+print("not reached")
+"""
+
+
+def run_script(call: str):
+    code = SCRIPT.format(bench=os.path.join(REPO, "benchmarks"), call=call)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_a_failing_child_is_one_line_with_its_own_error(tmp_path):
+    done = run_script("run_child([sys.executable, '-m', 'minorsft_megatron.score', '--load', "
+                      f"{str(tmp_path / 'nowhere')!r}, '--data', 'x', '--out', 'y'], 'scoring')")
+    assert done.returncode == 2 and "not reached" not in done.stdout
+    assert done.stderr.strip() == (f"error: scoring failed: error: {tmp_path / 'nowhere'}: neither a checkpoint nor "
+                                   "a directory with latest_checkpointed_iteration.txt")
+    crash = run_script("run_child([sys.executable, '-c', 'raise ValueError(\"bad value\")'], 'the child')")
+    assert crash.returncode == 2 and crash.stderr.strip() == "error: the child failed: ValueError: bad value"
+
+
+def test_a_missing_dataset_says_what_to_run_first(tmp_path):
+    done = run_script(f"ensure_dataset({str(tmp_path / 'data')!r})")
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"error: data.prefix {tmp_path / 'data'}: no dataset there; write it first with tools/preprocess_sft_data.py "
+        f"--output-prefix {tmp_path / 'data'} (docs/data.md)")

@@ -1,0 +1,39 @@
+"""tools/plot_metrics.py: methods compared on m_theta and the answer NLL per token; the loss panel optional."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.tokenizers_for_tests import REPO
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import plot_metrics  # noqa: E402
+
+
+def write_run(path, rows):
+    path.mkdir()
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_runs_are_compared_on_m_theta_and_answer_nll_with_the_loss_optional(tmp_path):
+    minor = write_run(tmp_path / "minor", [
+        {"iteration": 1, "loss": 1.5, "logp_per_token": -1.5, "m_theta": 0.0},
+        {"iteration": 2, "loss": 0.6, "logp_per_token": -1.2, "m_theta": 0.25},
+        {"iteration": 2, "loss": 0.5, "logp_per_token": -1.0, "m_theta": 0.5},  # a resumed run repeats: last wins
+    ])
+    sft = write_run(tmp_path / "sft", [{"iteration": 1, "loss": 1.5, "logp_per_token": -1.5}])
+    rows = plot_metrics.read_metrics(minor)
+    assert plot_metrics.series(rows, "nll") == [(1, 1.5), (2, 1.0)]
+    assert plot_metrics.series(rows, "m_theta") == [(1, 0.0), (2, 0.5)]
+    assert plot_metrics.series(plot_metrics.read_metrics(sft), "m_theta") == []  # no reference, no m_theta
+    for extra, panels in (([], 2), (["--loss"], 3)):
+        out = tmp_path / f"plot{panels}.png"
+        done = subprocess.run([sys.executable, os.path.join(REPO, "tools", "plot_metrics.py"), minor, sft, "--out",
+                               str(out), *extra], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        from PIL import Image
+
+        width, _ = Image.open(out).size
+        assert width == int(5.5 * panels * 110)
