@@ -8,8 +8,9 @@ weights; and FP8-versus-BF16 log-prob agreement on the same samples. Everything 
 
 Steps: synthetic SFT records long enough to fill `--seq-length` are preprocessed with the bundled tokenizer;
 a random starting checkpoint is written (init_checkpoint); the score tool writes the bf16 reference cache and an
-FP8 one; then the trainer runs each variant for `--steps` steps (TE spec, bf16 weights, FP8 `hybrid` with the
-`delayed` recipe for the FP8 rows). Reported from each run's metrics.jsonl: the median step time after 3 warm-up
+FP8 one (current scaling: forward-only FP8 never uses delayed scaling); then the trainer runs each variant for
+`--steps` steps (TE spec, bf16 weights, FP8 `hybrid` with the `delayed` recipe for the FP8 rows), saving no
+checkpoint (`checkpoint.save_final=false`). Reported from each run's metrics.jsonl: the median step time after 3 warm-up
 steps, tokens/s per GPU, MFU = tokens/s per GPU x (6 N + 6 L h S) / peak FLOP/s, and the peak memory. The
 agreement figure is exp(mean over every answer token of |log p_fp8 - log p_bf16|), from the score tool's
 `--per-token` output.
@@ -66,7 +67,7 @@ def summarise(run_dir: str) -> dict:
             "memory_gib": max(r["memory_gib"] for r in rows)}
 
 
-def main() -> int:
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=("1b", "3b"), default="1b")
     p.add_argument("--nproc", type=int, default=1)
@@ -78,61 +79,77 @@ def main() -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100/H200 SXM: 989)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny fp32 model, no FP8: checks the pipeline only")
     args = p.parse_args()
-    size = "smoke" if args.smoke else args.size
-    seq = 128 if args.smoke else args.seq_length
-    nproc = 2 if args.smoke else args.nproc
-    gbs = 8 * nproc if args.smoke else 8 * nproc * args.micro_batch_size
-    ref_mbs = 8 if args.smoke else args.reference_micro_batch_size
-    with tempfile.TemporaryDirectory() as tmp:
-        records = os.path.join(tmp, "records.jsonl")
-        synthetic_records(records, 4 * gbs * (args.steps + 2), words=seq // 2)
-        prefix = os.path.join(tmp, "data")
-        run_child([sys.executable, "tools/preprocess_sft_data.py", "--input", records, "--tokenizer",
-                   "examples/data/tokenizer.model", "--chat-template", "none", "--seq-length", str(seq),
-                   "--output-prefix", prefix, "--workers", "4"], "preprocessing the synthetic records")
-        model = [f"model.{k}={v}" for k, v in SIZES[size].items()] + [
-            "model.vocab_size=32000", f"model.max_position_embeddings={seq}",
+    args.size = "smoke" if args.smoke else args.size
+    args.seq_length = 128 if args.smoke else args.seq_length
+    args.nproc = 2 if args.smoke else args.nproc
+    args.global_batch = 8 * args.nproc * (1 if args.smoke else args.micro_batch_size)
+    args.reference_micro_batch_size = 8 if args.smoke else args.reference_micro_batch_size
+    args.dtype = "fp32" if args.smoke else "bf16"
+    args.precisions = [args.dtype] if args.smoke else ["bf16", "fp8"]
+    return args
+
+
+def prepare(tmp: str, args) -> tuple[str, list[str], dict]:
+    """Synthetic data, a random starting checkpoint and the reference caches in `tmp`: (config, the overrides
+    every run shares, reference cache per precision)."""
+    seq, nproc = args.seq_length, args.nproc
+    records, prefix = os.path.join(tmp, "records.jsonl"), os.path.join(tmp, "data")
+    synthetic_records(records, 4 * args.global_batch * (args.steps + 2), words=seq // 2)
+    run_child([sys.executable, "tools/preprocess_sft_data.py", "--input", records, "--tokenizer",
+               "examples/data/tokenizer.model", "--chat-template", "none", "--seq-length", str(seq),
+               "--output-prefix", prefix, "--workers", "4"], "preprocessing the synthetic records")
+    model = [f"model.{k}={v}" for k, v in SIZES[args.size].items()] + [
+        "model.vocab_size=32000", f"model.max_position_embeddings={seq}"]
+    base = [f"data.prefix={prefix}", f"data.seq_length={seq}", f"data.global_batch_size={args.global_batch}",
+            f"data.micro_batch_size={4 if args.smoke else 1}", f"train_steps={args.steps + WARMUP}",
+            "logging.tensorboard=false", "logging.interval=1000", "optimizer.distributed=false",
+            "device=" + ("cpu" if args.smoke else "cuda"), f"parallel.tp={2 if args.smoke else 1}",
             "model.spec=" + ("local" if args.smoke else "te")]
-        base = [f"data.prefix={prefix}", f"data.seq_length={seq}", f"data.global_batch_size={gbs}",
-                f"data.micro_batch_size={1 if not args.smoke else 4}", f"train_steps={args.steps + WARMUP}",
-                "logging.tensorboard=false", "logging.interval=1000", "optimizer.distributed=false",
-                "device=" + ("cpu" if args.smoke else "cuda"), f"parallel.tp={2 if args.smoke else 1}", *model]
-        config = os.path.join(tmp, "bench.yaml")  # everything else comes as overrides, the model from init
-        with open(config, "w") as f:
-            f.write("seed: 1234\n")
-        init = os.path.join(tmp, "init")
-        dtype = "fp32" if args.smoke else "bf16"
-        run(["-m", "minorsft_megatron.init_checkpoint", "--config", config, "--out", init, *base,
-             f"precision.dtype={dtype}"], nproc)
-        caches = {}
-        for precision in ([dtype] if args.smoke else ["bf16", "fp8"]):
-            caches[precision] = os.path.join(tmp, f"ref_{precision}.jsonl")
-            run(["-m", "minorsft_megatron.score", "--load", init, "--tp", str(2 if args.smoke else 1), "--data",
-                 prefix, "--out", caches[precision], "--precision", precision, "--micro-batch-size", "1",
-                 "--per-token", f"{caches[precision]}.tokens"], nproc)
-        base = [b for b in base if not b.startswith("model.")] + [f"checkpoint.init={init}", "model.spec=" +
-                                                                   ("local" if args.smoke else "te")]
-        results = {}
-        for precision in ([dtype] if args.smoke else ["bf16", "fp8"]):
+    config = os.path.join(tmp, "bench.yaml")  # everything else comes as overrides, the model from init
+    with open(config, "w") as f:
+        f.write("seed: 1234\n")
+    init = os.path.join(tmp, "init")
+    run(["-m", "minorsft_megatron.init_checkpoint", "--config", config, "--out", init, *base, *model,
+         f"precision.dtype={args.dtype}"], nproc)
+    caches = {}
+    for precision in args.precisions:
+        caches[precision] = os.path.join(tmp, f"ref_{precision}.jsonl")
+        run(["-m", "minorsft_megatron.score", "--load", init, "--tp", str(2 if args.smoke else 1), "--data",
+             prefix, "--out", caches[precision], "--precision", precision, "--micro-batch-size", "1",
+             "--per-token", f"{caches[precision]}.tokens"], nproc)
+    # no checkpoint is saved by any measured run: at 3B one would be ~42 GB with the optimizer state
+    return config, base + [f"checkpoint.init={init}", "checkpoint.save_final=false"], caches
+
+
+def variants(args, precision: str, caches: dict) -> dict[str, list[str]]:
+    """The measured runs of one precision: sft, minor_sft with the co-located reference, and with the cache."""
+    ref_precision = "fp8" if precision == "fp8" else args.dtype
+    return {
+        "sft": ["loss.name=sft", "reference.mode=none"],
+        "minor_sft, co-located": ["loss.name=minor_sft", "reference.mode=colocated",
+                                  f"reference.precision={ref_precision}",
+                                  f"reference.micro_batch_size={args.reference_micro_batch_size}"],
+        "minor_sft, cache": ["loss.name=minor_sft", "reference.mode=cache",
+                             f"reference.cache={caches[args.precisions[0]]}"],
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    results, agreement = {}, None
+    with tempfile.TemporaryDirectory() as tmp:
+        config, base, caches = prepare(tmp, args)
+        for precision in args.precisions:
             fp8 = ["precision.fp8=hybrid", "precision.fp8_recipe=delayed"] if precision == "fp8" else []
-            ref_precision = "fp8" if precision == "fp8" else dtype
-            variants = {
-                "sft": ["loss.name=sft", "reference.mode=none"],
-                "minor_sft, co-located": ["loss.name=minor_sft", "reference.mode=colocated",
-                                          f"reference.precision={ref_precision}",
-                                          f"reference.micro_batch_size={ref_mbs}"],
-                "minor_sft, cache": ["loss.name=minor_sft", "reference.mode=cache",
-                                     f"reference.cache={caches[dtype if args.smoke else 'bf16']}"],
-            }
-            for name, extra in variants.items():
+            dtype = "bf16" if precision == "fp8" else args.dtype
+            for name, extra in variants(args, precision, caches).items():
                 out = os.path.join(tmp, f"{precision}_{name.split(',')[0]}_{len(results)}")
                 run(["-m", "minorsft_megatron.train", "--config", config, *base, f"output_dir={out}",
-                     f"precision.dtype={'bf16' if precision == 'fp8' else dtype}", *fp8, *extra], nproc)
+                     f"precision.dtype={dtype}", *fp8, *extra], args.nproc)
                 results[(precision, name)] = summarise(out)
-        agreement = None
         if not args.smoke:
             agreement = fp8_agreement(caches["bf16"], caches["fp8"])
-    report(results, agreement, size, seq, nproc, args.peak_tflops, SIZES[size])
+    report(results, agreement, args.size, args.seq_length, args.nproc, args.peak_tflops, SIZES[args.size])
     return 0
 
 

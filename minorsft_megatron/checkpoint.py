@@ -23,6 +23,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
+from minorsft_megatron import compat
 from minorsft_megatron.errors import UserError
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -102,10 +103,11 @@ def _interrupts_deferred():
 
 @contextlib.contextmanager
 def _without_torch_metadata_fallback_notes():
-    """torch's loader logs a traceback on the root logger when .metadata is missing, before it fails; the failure
-    itself is reported (one line, with that reason)."""
+    """torch's loader logs a traceback on the root logger when .metadata is missing, before it fails (megatron-core
+    0.19 keeps the common state there, so reading it logs the same); the failure itself is reported (one line,
+    with that reason)."""
     def drop(record):
-        return record.module != "state_dict_loader"
+        return record.module != "state_dict_loader" and not record.getMessage().startswith("Global metadata is not")
 
     root = logging.getLogger()
     root.addFilter(drop)
@@ -140,7 +142,7 @@ def read_state(path: str) -> dict:
 
     directory = resolve(path)
     try:
-        with warnings.catch_warnings():  # read by one process on purpose (torch warns without a process group)
+        with warnings.catch_warnings(), _without_torch_metadata_fallback_notes():  # one process reads, on purpose
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
             common = dist_checkpointing.load_common_state_dict(directory)
     except READ_FAILURES as err:  # a damaged file fails in many ways, deep inside torch
@@ -241,10 +243,12 @@ def _prune(save_dir: str, keep: int | None) -> None:
         shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
 
 
-def load(path: str, model, optimizer=None, layout: dict | None = None) -> dict:
+def load(path: str, model, optimizer=None, layout: dict | None = None, current_schedule: bool = False) -> dict:
     """Load `path` (a checkpoint or a save directory) into `model` (and `optimizer`); returns its state.
 
-    The RNG states are restored only when `layout` is the layout the checkpoint was saved under."""
+    The RNG states are restored only when `layout` is the layout the checkpoint was saved under.
+    `current_schedule`: the optimizer's parameter groups keep their current lr and wd values (a schedule
+    recomputed from this run's config), not the checkpoint's."""
     from megatron.core import dist_checkpointing
 
     directory = resolve(path)
@@ -258,7 +262,9 @@ def load(path: str, model, optimizer=None, layout: dict | None = None) -> dict:
         raise _damaged(directory, err) from err
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        saved = loaded["optimizer"]
+        optimizer.load_state_dict(compat.with_current_schedule(saved, optimizer.param_groups) if current_schedule
+                                  else saved)
     rank_file = _rank_file(directory)
     if layout is not None and state.get("layout") == layout and os.path.isfile(rank_file):
         set_rng_state(torch.load(rank_file, weights_only=False))

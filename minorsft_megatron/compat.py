@@ -17,6 +17,11 @@ without them; with TE its FusedAdam keeps the step in param_groups and none of t
 3. `_set_main_param_and_optimizer_states` copies every key of the parameter's optimizer state from the
    checkpoint, which (fully_reshardable) holds no `step`: KeyError. -> copy the other keys.
 
+megatron-core 0.19 matches a checkpoint's optimizer parameter groups to the current ones by their values, peak and
+floor learning rates and weight decays included (`_filter_and_reorder_param_groups`), so a resume that recomputes
+the schedule from a new lr (checkpoint.override_schedule) fails to load. -> `with_current_schedule` gives the
+loaded groups the current optimizer's values first (the schedule is recomputed from them anyway).
+
 megatron-core's checkpoint writer starts a multiprocessing Manager (a spawned server process) at a process's first
 save (`_get_write_results_queue` in 0.16, `get_write_results_queue` in 0.19). A terminal's Ctrl-C reaches it too,
 and it prints a KeyboardInterrupt traceback. -> start it with SIGINT ignored (kept across its exec), so that the
@@ -119,6 +124,33 @@ def _skipping_adam_step(set_states):
                 state["step"] = step
 
     return wrapped
+
+
+SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+"""What a parameter group carries of the learning-rate and weight-decay schedule."""
+
+
+def with_current_schedule(loaded, current_groups: list[dict]):
+    """`loaded` (an optimizer state dict, however nested) with the schedule values of each parameter group taken
+    from the current group of the same kind (the same lr and wd multipliers, in order)."""
+    if isinstance(loaded, list):
+        return [with_current_schedule(item, current_groups) for item in loaded]
+    if not isinstance(loaded, dict):
+        return loaded
+    out = {key: with_current_schedule(value, current_groups) for key, value in loaded.items() if key != "param_groups"}
+    if isinstance(loaded.get("param_groups"), list):
+        kinds = [_group_kind(group) for group in current_groups]
+        out["param_groups"] = [_with_values_of(group, current_groups[kinds.index(_group_kind(group))])
+                               if _group_kind(group) in kinds else group for group in loaded["param_groups"]]
+    return out
+
+
+def _group_kind(group: dict) -> tuple:
+    return tuple(group.get(key) for key in ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr"))
+
+
+def _with_values_of(group: dict, current: dict) -> dict:
+    return {**group, **{key: current[key] for key in SCHEDULE_KEYS if key in current and key in group}}
 
 
 def _quiet(logger_name: str, prefix: str) -> None:

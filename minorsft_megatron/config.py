@@ -74,6 +74,10 @@ class ParallelConfig:
     """Sequence parallelism (needs tp > 1)."""
     cp: int = 1
     """Context-parallel size (needs the te spec)."""
+    overlap_grad_reduce: bool | None = None
+    """Reduce gradients over data-parallel ranks bucket by bucket during the last micro-batch's backward
+    (megatron-core's overlap_grad_reduce; the same sums, computed while backward runs). None: on a GPU, off on
+    CPU processes."""
 
 
 @dataclass
@@ -164,6 +168,9 @@ class CheckpointConfig:
     """Resume from here; None: resume from `save` when it holds a checkpoint."""
     interval: int = 0
     """Save every N steps (0: only at the end)."""
+    save_final: bool = True
+    """Save at the iteration this invocation stops at (train_steps, or stop_at_step). false with interval 0: a
+    run that writes no checkpoint (a benchmark)."""
     override_schedule: bool = False
     """On resume, recompute the learning-rate schedule from this config (lr, min_lr, warmup_ratio, decay,
     weight_decay, train_steps) where it differs from the checkpoint's; without it such a resume is refused."""
@@ -470,6 +477,8 @@ def _validate_checkpoint_and_run(c: TrainConfig, source: str) -> None:
     _require(c.logging.interval >= 1, source, "logging.interval", "must be at least 1")
     _require(c.train_steps is None or c.train_steps >= 1, source, "train_steps", "must be at least 1")
     _require(c.stop_at_step is None or c.stop_at_step >= 1, source, "stop_at_step", "must be at least 1")
+    _require(c.stop_at_step is None or c.checkpoint.save_final, source, "checkpoint.save_final",
+             "false with stop_at_step would stop without saving where the next invocation resumes")
     _choice(c.device, (None, "cuda", "cpu"), source, "device")
     _require(bool(c.output_dir), source, "output_dir", "is required")
     _require(not os.path.isfile(c.output_dir), source, "output_dir", f"{c.output_dir} is a file")

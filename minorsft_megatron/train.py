@@ -106,10 +106,14 @@ def build_policy(cfg: TrainConfig, vocab: int, device, total_steps: int) -> Poli
                                 initialize=cfg.checkpoint.init is None)
     config.finalize_model_grads_func = finalize_model_grads
     o = cfg.optimizer
+    overlap = device.type == "cuda" if cfg.parallel.overlap_grad_reduce is None else cfg.parallel.overlap_grad_reduce
     ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=o.distributed),
+        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=o.distributed,
+                                              overlap_grad_reduce=overlap),
         model,
     )
+    if overlap:  # as Megatron-LM wires it: no reduce before the last micro-batch, which starts it bucket by bucket
+        config.no_sync_func, config.grad_sync_func = ddp.no_sync, ddp.start_grad_sync
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
@@ -311,7 +315,8 @@ def resume(run: Run) -> str | None:
     if path is None:
         return None
     check_resumable(run.cfg, checkpoint.read_state(path), path)
-    state = checkpoint.load(path, run.policy.model, run.policy.optimizer, layout=layout(run.cfg))
+    state = checkpoint.load(path, run.policy.model, run.policy.optimizer, layout=layout(run.cfg),
+                            current_schedule=run.cfg.checkpoint.override_schedule)
     check_resumed_state(state, path, run.dataset, run.start_id)
     if run.cfg.checkpoint.override_schedule:  # this config's schedule, at the checkpoint's step
         override_schedule(run.policy, run.cfg)
@@ -328,9 +333,9 @@ def state_to_save(run: Run) -> dict:
 
 
 def save_if_due(run: Run) -> None:
-    """Save at every checkpoint.interval and at the iteration this invocation stops at."""
-    interval = run.cfg.checkpoint.interval
-    if (interval and run.iteration % interval == 0) or run.iteration == run.stop_at:
+    """Save at every checkpoint.interval and (checkpoint.save_final) at the iteration this invocation stops at."""
+    interval, final = run.cfg.checkpoint.interval, run.cfg.checkpoint.save_final
+    if (interval and run.iteration % interval == 0) or (final and run.iteration == run.stop_at):
         path = checkpoint.save(run.save_dir, run.iteration, run.policy.model, run.policy.optimizer,
                                state_to_save(run), run.cfg.checkpoint.keep, optimizer_sharding(run.cfg))
         if run.log is not None:
@@ -418,8 +423,10 @@ def check_finite(run: Run, metrics: dict, grad_norm) -> None:
 
 def finish(run: Run) -> None:
     if run.log is not None:
+        saved = run.cfg.checkpoint.save_final or run.cfg.checkpoint.interval
         run.log.print(f"done: metrics in {run.log.path} (TensorBoard: "
-                      f"{os.path.join(run.cfg.output_dir, 'tensorboard')}), checkpoints in {run.save_dir}")
+                      f"{os.path.join(run.cfg.output_dir, 'tensorboard')}), "
+                      + (f"checkpoints in {run.save_dir}" if saved else "no checkpoint saved"))
         run.log.close()
 
 

@@ -88,8 +88,9 @@ def role_precision(cfg, role: str, precision: str | None = None) -> RolePrecisio
     """The precision of the model playing `role` in a run configured by `cfg` (config.TrainConfig).
 
     policy: precision.dtype, with precision.fp8. reference: reference.precision, where "fp8" means bf16 weights
-    with FP8 compute in the policy's format (e4m3 when the policy has none), and reference.fp8_weights. score: as
-    the reference, at `precision` (default reference.precision), never with FP8 weights.
+    with FP8 compute in the policy's format (e4m3 when the policy has none) and the policy's recipe, except that
+    delayed scaling becomes current scaling (scoring_recipe), and reference.fp8_weights. score: as the reference,
+    at `precision` (default reference.precision), never with FP8 weights.
     """
     if role == "policy":
         return RolePrecision(cfg.precision.dtype, cfg.precision.fp8, cfg.precision.fp8_recipe)
@@ -98,7 +99,16 @@ def role_precision(cfg, role: str, precision: str | None = None) -> RolePrecisio
     precision = precision or cfg.reference.precision
     fp8_param = role == "reference" and cfg.reference.fp8_weights
     fp8 = (cfg.precision.fp8 or "e4m3") if precision == "fp8" or fp8_param else None
-    return RolePrecision("bf16" if precision == "fp8" else precision, fp8, cfg.precision.fp8_recipe, fp8_param)
+    return RolePrecision("bf16" if precision == "fp8" else precision, fp8, scoring_recipe(cfg.precision.fp8_recipe),
+                         fp8_param)
+
+
+def scoring_recipe(recipe: str) -> str:
+    """The FP8 recipe of a forward-only model (reference, score) for a policy trained with `recipe`: `delayed`
+    scales each tensor by amaxes of earlier micro-batches (scale 1 at the first), so a sample's log-prob would
+    depend on batch order and on the reference's micro-batch size, and FP8 weights would be quantised at scale 1.
+    Current scaling (`tensorwise`) scales by the tensor itself; the block recipes already do."""
+    return "tensorwise" if recipe == "delayed" else recipe
 
 
 def check_fp8(fp8: str | None, device_type: str, recipe: str = "delayed", capability=None,

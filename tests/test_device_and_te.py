@@ -54,3 +54,18 @@ def test_fp8_accepted_where_gpu_and_te_allow():
     transformer_engine.check_fp8("e4m3", "cuda", "mxfp8", (10, 0), "2.8.0")
     assert transformer_engine.resolve_spec("local", "cuda") == "local"
     assert transformer_engine.resolve_spec("auto", "cpu") == "local"
+
+
+@pytest.mark.parametrize("recipe,scoring", [("delayed", "tensorwise"), ("tensorwise", "tensorwise"),
+                                            ("blockwise", "blockwise"), ("mxfp8", "mxfp8")])
+def test_forward_only_fp8_never_uses_delayed_scaling(tmp_path, recipe, scoring):
+    """Delayed scaling makes a sample's reference log-prob depend on earlier micro-batches (and quantises FP8
+    weights at scale 1): the reference and score use current scaling; the policy keeps its recipe."""
+    from minorsft_megatron.config import TrainConfig
+
+    cfg = TrainConfig()
+    cfg.precision.fp8, cfg.precision.fp8_recipe = "hybrid", recipe
+    cfg.reference.precision, cfg.reference.fp8_weights = "fp8", True
+    assert transformer_engine.role_precision(cfg, "policy").fp8_recipe == recipe
+    for role in ("reference", "score"):
+        assert transformer_engine.role_precision(cfg, role).fp8_recipe == scoring

@@ -173,3 +173,19 @@ def test_megatron_to_hf_of_checkpoints_trained_under_pp_tp_sp_and_the_distribute
             for key, tensor in tensors.items():
                 assert tensor.dtype == torch.bfloat16 and torch.equal(f.get_tensor(key), tensor), (hf, key)
         assert json.load(open(os.path.join(hf, "config.json")))["torch_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["ddp", "distributed-optimizer"])
+def test_overlapped_gradient_reduce_gives_the_same_steps(tmp_path, start, distributed):
+    """parallel.overlap_grad_reduce (on by default on GPUs) reduces each bucket during the last micro-batch's
+    backward instead of after it: at DP = 2 with 2 micro-batches per rank the losses, gradient norms and weights
+    are bit for bit those of the reduce after backward, in bf16 with and without the distributed optimizer."""
+    config, init, _ = start
+    runs = {}
+    for overlap in (False, True):
+        out = tmp_path / f"overlap_{overlap}"
+        args = bf16_args(config, init, out, f"parallel.overlap_grad_reduce={str(overlap).lower()}",
+                         "data.micro_batch_size=2", f"optimizer.distributed={str(distributed).lower()}")
+        spawn(2, run_commands, [("train", args)], out_dir=tmp_path / f"job_{overlap}", timeout=300)
+        runs[overlap] = metrics(out)
+    assert len(runs[True]) == STEPS and runs[True] == runs[False]
