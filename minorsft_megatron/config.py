@@ -78,6 +78,10 @@ class ParallelConfig:
     """Reduce gradients over data-parallel ranks bucket by bucket during the last micro-batch's backward
     (megatron-core's overlap_grad_reduce; the same sums, computed while backward runs). None: on a GPU, off on
     CPU processes."""
+    overlap_param_gather: bool | None = None
+    """With the distributed optimizer: all-gather the updated parameters bucket by bucket during the next
+    forward instead of at the end of the optimizer step (megatron-core's overlap_param_gather; needs
+    overlap_grad_reduce). Checkpoints are saved after a forced gather. None: on a GPU, off on CPU processes."""
 
 
 @dataclass
@@ -391,6 +395,10 @@ def _validate_parallel(c: TrainConfig, source: str) -> None:
     _require(m.num_layers % p.pp == 0, source, "parallel.pp", f"must divide num_layers {m.num_layers}")
     _require(not p.sp or p.tp > 1, source, "parallel.sp", "needs parallel.tp > 1")
     _require(p.cp == 1 or m.spec != "local", source, "parallel.cp", "context parallelism needs model.spec: te")
+    _require(not p.overlap_param_gather or c.optimizer.distributed, source, "parallel.overlap_param_gather",
+             "needs optimizer.distributed: true (only the distributed optimizer gathers parameters)")
+    _require(not p.overlap_param_gather or p.overlap_grad_reduce is not False, source,
+             "parallel.overlap_param_gather", "needs parallel.overlap_grad_reduce (megatron-core overlaps both)")
 
 
 def _validate_precision_and_loss(c: TrainConfig, source: str) -> None:

@@ -10,6 +10,7 @@ then megatron-core's optimizer steps. See config.py for every setting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -98,7 +99,7 @@ class Run:
 # ---- building ---------------------------------------------------------------------------------------------------
 
 def build_policy(cfg: TrainConfig, vocab: int, device, total_steps: int) -> Policy:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -106,13 +107,8 @@ def build_policy(cfg: TrainConfig, vocab: int, device, total_steps: int) -> Poli
                                 initialize=cfg.checkpoint.init is None)
     config.finalize_model_grads_func = finalize_model_grads
     o = cfg.optimizer
-    overlap = device.type == "cuda" if cfg.parallel.overlap_grad_reduce is None else cfg.parallel.overlap_grad_reduce
-    ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=o.distributed,
-                                              overlap_grad_reduce=overlap),
-        model,
-    )
-    if overlap:  # as Megatron-LM wires it: no reduce before the last micro-batch, which starts it bucket by bucket
+    ddp = DistributedDataParallel(config, ddp_config(cfg, device), model)
+    if ddp.ddp_config.overlap_grad_reduce:  # as Megatron-LM wires it: no reduce before the last micro-batch
         config.no_sync_func, config.grad_sync_func = ddp.no_sync, ddp.start_grad_sync
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
@@ -131,6 +127,18 @@ def build_policy(cfg: TrainConfig, vocab: int, device, total_steps: int) -> Poli
         end_wd=o.weight_decay, wd_incr_steps=total_steps, wd_incr_style="constant",
     )
     return Policy(model, ddp, optimizer, scheduler)
+
+
+def ddp_config(cfg: TrainConfig, device):
+    """megatron-core's DDP settings: fp32 gradient reduction, the distributed optimizer if asked, and the
+    communication overlaps (parallel.overlap_*; by default on a GPU, off on CPU processes)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    on_gpu, p, distributed = device.type == "cuda", cfg.parallel, cfg.optimizer.distributed
+    grad = on_gpu if p.overlap_grad_reduce is None else p.overlap_grad_reduce
+    param = (on_gpu and distributed and grad) if p.overlap_param_gather is None else p.overlap_param_gather
+    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed,
+                                         overlap_grad_reduce=grad, overlap_param_gather=param)
 
 
 def build_reference(cfg: TrainConfig, policy: Policy, vocab: int, device, pgs, dataset, start_id):
@@ -332,12 +340,27 @@ def state_to_save(run: Run) -> dict:
             "start_checkpoint_id": run.start_id, "layout": layout(run.cfg), "hf": run.hf_origin}
 
 
+@contextlib.contextmanager
+def parameters_gathered(ddp):
+    """Under overlap_param_gather the updated parameters are gathered only by the next forward: gather them now
+    (and stop the forward hooks meanwhile), as Megatron-LM does around a save."""
+    if not ddp.use_forward_hook:
+        yield
+        return
+    ddp.disable_forward_pre_hook()  # forces a synchronous gather
+    try:
+        yield
+    finally:
+        ddp.enable_forward_pre_hook()
+
+
 def save_if_due(run: Run) -> None:
     """Save at every checkpoint.interval and (checkpoint.save_final) at the iteration this invocation stops at."""
     interval, final = run.cfg.checkpoint.interval, run.cfg.checkpoint.save_final
     if (interval and run.iteration % interval == 0) or (final and run.iteration == run.stop_at):
-        path = checkpoint.save(run.save_dir, run.iteration, run.policy.model, run.policy.optimizer,
-                               state_to_save(run), run.cfg.checkpoint.keep, optimizer_sharding(run.cfg))
+        with parameters_gathered(run.policy.ddp):
+            path = checkpoint.save(run.save_dir, run.iteration, run.policy.model, run.policy.optimizer,
+                                   state_to_save(run), run.cfg.checkpoint.keep, optimizer_sharding(run.cfg))
         if run.log is not None:
             run.log.print(f"saved checkpoint {path}")
 

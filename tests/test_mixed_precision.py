@@ -189,3 +189,23 @@ def test_overlapped_gradient_reduce_gives_the_same_steps(tmp_path, start, distri
         spawn(2, run_commands, [("train", args)], out_dir=tmp_path / f"job_{overlap}", timeout=300)
         runs[overlap] = metrics(out)
     assert len(runs[True]) == STEPS and runs[True] == runs[False]
+
+
+def test_overlapped_parameter_gather_gives_the_same_steps_and_checkpoints(tmp_path, start):
+    """parallel.overlap_param_gather (distributed optimizer, on by default on GPUs) gathers the updated parameters
+    during the next forward: 4 steps, and 2 steps saved then resumed for 2 more (the save must gather first, or
+    the checkpoint holds other ranks' stale shards), are bit for bit the steps without it."""
+    config, init, _ = start
+    runs = {}
+    for overlap in (False, True):
+        flags = [f"parallel.overlap_grad_reduce={str(overlap).lower()}",
+                 f"parallel.overlap_param_gather={str(overlap).lower()}", "data.micro_batch_size=2"]
+        straight, halves = tmp_path / f"straight_{overlap}", tmp_path / f"halves_{overlap}"
+        spawn(2, run_commands, [("train", bf16_args(config, init, straight, *flags)),
+                                ("train", bf16_args(config, init, halves, *flags, "stop_at_step=2")),
+                                ("train", bf16_args(config, init, halves, *flags))],
+              out_dir=tmp_path / f"job_{overlap}", timeout=300)
+        runs[overlap] = metrics(straight)
+        assert [r["iteration"] for r in metrics(halves)] == [1, 2, 3, 4]
+        assert metrics(halves) == runs[overlap]
+    assert len(runs[True]) == STEPS and runs[True] == runs[False]
