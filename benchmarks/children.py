@@ -29,6 +29,14 @@ def run_child(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProces
     return done
 
 
+def config_data_prefix(config: str) -> str:
+    """data.prefix of a training config, read before the config is validated (which needs the dataset)."""
+    import yaml
+
+    with open(config if os.path.isabs(config) else os.path.join(REPO, config), encoding="utf-8") as f:
+        return ((yaml.safe_load(f) or {}).get("data") or {}).get("prefix", "")
+
+
 def ensure_dataset(prefix: str) -> None:
     """The dataset at `prefix` exists: the quickstart's is prepared as examples/quickstart.sh prepares it; for any
     other, stop in one line saying what to run first."""

@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 
-from children import ensure_dataset, run_child
+from children import config_data_prefix, ensure_dataset, run_child
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WARMUP_STEPS = 3
@@ -52,8 +52,8 @@ def main() -> int:
                 "logging.interval=1000", "logging.tensorboard=false"]
         from minorsft_megatron.config import load_config
 
+        ensure_dataset(config_data_prefix(args.config))
         cfg = load_config(os.path.join(REPO, args.config))
-        ensure_dataset(cfg.data.prefix)
         torchrun(args.nproc, "minorsft_megatron.init_checkpoint", ["--config", args.config, "--out", init])
         torchrun(args.nproc, "minorsft_megatron.score",
                  ["--load", init, "--tp", str(cfg.parallel.tp), "--pp", str(cfg.parallel.pp),

@@ -36,3 +36,10 @@ def test_a_missing_dataset_says_what_to_run_first(tmp_path):
     assert done.returncode == 2 and done.stderr.strip() == (
         f"error: data.prefix {tmp_path / 'data'}: no dataset there; write it first with tools/preprocess_sft_data.py "
         f"--output-prefix {tmp_path / 'data'} (docs/data.md)")
+
+
+def test_the_data_prefix_is_read_before_the_config_is_validated(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  prefix: runs/data/nowhere\n")
+    done = run_script(f"print(__import__('children').config_data_prefix({str(config)!r})); raise SystemExit(0)")
+    assert done.returncode == 0 and done.stdout.strip() == "runs/data/nowhere"
