@@ -4,6 +4,7 @@ error (not a CalledProcessError traceback), and the quickstart data they measure
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -13,10 +14,13 @@ QUICKSTART_DATA = os.path.join("runs", "data", "sft_train")
 
 
 def child_error(stderr: str, returncode: int) -> str:
-    """The child's own last error line (its one-line `error: ...`, or a traceback's last line)."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    return (errors or lines or [f"exit status {returncode}"])[-1]
+    """The child's own error: its last one-line `error: ...`, else the last exception line of its tracebacks
+    (a rank's, not torchrun's report box), else its last line."""
+    lines = [re.sub(r"^\[(rank|default)\d*\]:\s*", "", line.strip()) for line in stderr.splitlines() if line.strip()]
+    own = [line for line in lines if line.startswith("error: ")]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", line)
+              and "ChildFailedError" not in line]  # torchrun's own, after the rank's
+    return (own or raised or lines or [f"exit status {returncode}"])[-1]
 
 
 def run_child(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:

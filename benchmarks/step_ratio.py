@@ -21,7 +21,10 @@ import statistics
 import sys
 import tempfile
 
+import yaml
 from children import config_data_prefix, ensure_dataset, run_child
+
+from minorsft_megatron.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WARMUP_STEPS = 3
@@ -52,8 +55,12 @@ def main() -> int:
                 "logging.interval=1000", "logging.tensorboard=false"]
         from minorsft_megatron.config import load_config
 
-        ensure_dataset(config_data_prefix(args.config))
-        cfg = load_config(os.path.join(REPO, args.config))
+        try:
+            ensure_dataset(config_data_prefix(args.config))
+            cfg = load_config(os.path.join(REPO, args.config))
+        except (UserError, OSError, yaml.YAMLError) as err:
+            print(f"error: {args.config}: {err}", file=sys.stderr)
+            return 2
         torchrun(args.nproc, "minorsft_megatron.init_checkpoint", ["--config", args.config, "--out", init])
         torchrun(args.nproc, "minorsft_megatron.score",
                  ["--load", init, "--tp", str(cfg.parallel.tp), "--pp", str(cfg.parallel.pp),

@@ -135,7 +135,7 @@ def ddp_config(cfg: TrainConfig, device):
     from megatron.core.distributed import DistributedDataParallelConfig
 
     on_gpu, p, distributed = device.type == "cuda", cfg.parallel, cfg.optimizer.distributed
-    grad = on_gpu if p.overlap_grad_reduce is None else p.overlap_grad_reduce
+    grad = (on_gpu or bool(p.overlap_param_gather)) if p.overlap_grad_reduce is None else p.overlap_grad_reduce
     param = (on_gpu and distributed and grad) if p.overlap_param_gather is None else p.overlap_param_gather
     return DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed,
                                          overlap_grad_reduce=grad, overlap_param_gather=param)

@@ -136,11 +136,13 @@ def check_fp8(fp8: str | None, device_type: str, recipe: str = "delayed", capabi
 
         capability = torch.cuda.get_device_capability()
     need_cc, need_te = RECIPE_NEEDS[recipe]
+    named = f"precision.fp8_recipe: {recipe}" if what is None or what.startswith("precision.") else \
+        f"{what} ({recipe} scaling)"
     if tuple(capability) < need_cc:
-        raise FP8Error(f"precision.fp8_recipe: {recipe} needs compute capability >= {need_cc[0]}.{need_cc[1]}; "
+        raise FP8Error(f"{named} needs compute capability >= {need_cc[0]}.{need_cc[1]}; "
                        f"this GPU has {capability[0]}.{capability[1]}")
     if _version_tuple(te_version) < _version_tuple(need_te):
-        raise FP8Error(f"precision.fp8_recipe: {recipe} needs Transformer Engine >= {need_te}; installed: {te_version}")
+        raise FP8Error(f"{named} needs Transformer Engine >= {need_te}; installed: {te_version}")
 
 
 def fp8_token_multiple(cfg) -> int:

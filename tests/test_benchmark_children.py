@@ -43,3 +43,18 @@ def test_the_data_prefix_is_read_before_the_config_is_validated(tmp_path):
     config.write_text("data:\n  prefix: runs/data/nowhere\n")
     done = run_script(f"print(__import__('children').config_data_prefix({str(config)!r})); raise SystemExit(0)")
     assert done.returncode == 0 and done.stdout.strip() == "runs/data/nowhere"
+
+
+def test_a_crashed_rank_is_reported_by_its_own_error_not_torchruns_box():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from children import child_error
+
+    stderr = "\n".join([
+        "[rank0]: Traceback (most recent call last):", '[rank0]:   File "x.py", line 1, in <module>',
+        "[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        "Traceback (most recent call last):",
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:", "=" * 20,
+        "  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html", "=" * 20])
+    assert child_error(stderr, 1) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert child_error("note\nerror: data.prefix x: no dataset\n", 2) == "error: data.prefix x: no dataset"
+    assert child_error("", 9) == "exit status 9"

@@ -237,3 +237,62 @@ def test_unreadable_containers_and_bad_options_are_one_line(tmp_path, capsys):
                        str(tmp_path / "out")])
         err = capsys.readouterr().err.strip()
         assert status == 1 and message in err and "\n" not in err and err.startswith("error: "), (message, err)
+
+
+def test_what_editors_and_exporters_write_is_read(tmp_path):
+    """A UTF-8 byte-order mark; pandas' to_json nulls for another format's columns; OpenAI's weight 0 (context)
+    and 1 (answer); a column for an optional key that is null in some Parquet rows."""
+    ours = write(tmp_path / "ours", [{"prompt": Q1, "response": A1}, {"prompt": Q2, "response": A2, "system": SYSTEM}],
+                 "jsonl")
+    _, reference = run(tmp_path, [ours], "reference")
+    bom_jsonl, bom_json = tmp_path / "bom.jsonl", tmp_path / "bom.json"
+    records = [{"prompt": Q1, "response": A1, "messages": None},
+               {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": Q2},
+                             {"role": "assistant", "content": A2}], "prompt": None, "response": None}]
+    bom_jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in records).encode())
+    bom_json.write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())
+    assert run(tmp_path, [str(bom_jsonl)], "a")[1] == reference
+    assert run(tmp_path, [str(bom_json)], "b")[1] == reference
+    rows = write(tmp_path / "rows", [{"q": Q1, "a": A1, "sys": None}, {"q": Q2, "a": A2, "sys": SYSTEM}], "parquet")
+    assert run(tmp_path, [rows], "c", columns={"prompt": "q", "response": "a", "system": "sys"})[1] == reference
+    weighted = write(tmp_path / "w", [{"messages": [{"role": "user", "content": Q1},
+                                                    {"role": "assistant", "content": A1, "weight": 0},
+                                                    {"role": "user", "content": Q2},
+                                                    {"role": "assistant", "content": A2, "weight": 1}]}], "jsonl")
+    context = write(tmp_path / "pc", [{"prompt": [{"role": "user", "content": Q1}, {"role": "assistant", "content": A1},
+                                                  {"role": "user", "content": Q2}],
+                                       "completion": [{"role": "assistant", "content": A2}]}], "jsonl")
+    assert run(tmp_path, [weighted], "d")[1] == run(tmp_path, [context], "e")[1]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("two.json", "[" + json.dumps(GOOD) + "]\n[" + json.dumps(GOOD) + "]\n",
+     "two.json:2: malformed JSON list: more text after the list's closing ']'"),
+    ("weight.jsonl", json.dumps({"messages": [{"role": "user", "content": Q1},
+                                              {"role": "assistant", "content": A1, "weight": 0.5}]}) + "\n",
+     "weight.jsonl:1: messages[1].weight must be 0 or 1, got 0.5"),
+])
+def test_more_bad_inputs_are_one_line(tmp_path, capsys, name, content, message):
+    (tmp_path / name).write_text(content)
+    assert main(["--input", str(tmp_path / name), "--tokenizer", SENTENCEPIECE_MODEL, "--output-prefix",
+                 str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path}/{message}", err
+
+
+def test_damaged_gzip_and_dataset_dict_are_one_line(tmp_path, capsys):
+    import datasets
+
+    datasets.disable_progress_bars()
+    data = gzip.compress(("".join(json.dumps(GOOD) + "\n" for _ in range(2000))).encode())
+    middle = len(data) // 2
+    (tmp_path / "bad.jsonl.gz").write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64])
+                                            + data[middle + 64:])
+    datasets.DatasetDict({"a": datasets.Dataset.from_list([GOOD])}).save_to_disk(str(tmp_path / "dd"))
+    (tmp_path / "dd" / "dataset_dict.json").write_text("{not json")
+    for path, message in ((tmp_path / "bad.jsonl.gz", "bad.jsonl.gz: cannot be read"),
+                          (tmp_path / "dd", "dd: dataset_dict.json is damaged")):
+        assert main(["--input", str(path), "--tokenizer", SENTENCEPIECE_MODEL, "--output-prefix",
+                     str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err

@@ -37,3 +37,15 @@ def test_runs_are_compared_on_m_theta_and_answer_nll_with_the_loss_optional(tmp_
 
         width, _ = Image.open(out).size
         assert width == int(5.5 * panels * 110)
+
+
+def test_the_output_format_follows_the_extension_and_a_bad_place_is_one_line(tmp_path):
+    run = write_run(tmp_path / "run", [{"iteration": 1, "loss": 1.5, "logp_per_token": -1.5}])
+    script = os.path.join(REPO, "tools", "plot_metrics.py")
+    done = subprocess.run([sys.executable, script, run, "--out", str(tmp_path / "m.pdf")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and (tmp_path / "m.pdf").read_bytes().startswith(b"%PDF")
+    bad = subprocess.run([sys.executable, script, run, "--out", str(tmp_path / "no" / "m.png")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith(f"error: --out {tmp_path / 'no' / 'm.png'}: ")
+    assert len(bad.stderr.strip().splitlines()) == 1

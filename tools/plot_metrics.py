@@ -71,9 +71,14 @@ def plot(runs: list[str], labels: list[str], out: str, with_loss: bool = False) 
         if ax.lines:
             ax.legend()
     fig.tight_layout()
-    tmp = f"{out}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    extension = os.path.splitext(out)[1].lstrip(".").lower() or "png"
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        fig.savefig(tmp, dpi=110, format=extension)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def main(argv=None) -> int:
@@ -91,6 +96,9 @@ def main(argv=None) -> int:
         plot(args.runs, labels, args.out, args.loss)
     except (ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: --out {args.out}: {err.strerror or err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")
     return 0

@@ -90,9 +90,22 @@ def _role_messages(turns, where: str, roles=ROLES) -> list[dict]:
             raise RecordError(f"{where}[{i}].role is {shown}, expected one of {', '.join(roles)}")
         if turn.get("tool_calls"):
             raise RecordError(f"{where}[{i}]: tool calls are not supported")
-        messages.append({"role": role, "content": _content(_required(turn, "content", f"{where}[{i}]."),
-                                                           f"{where}[{i}].content")})
+        message = {"role": role, "content": _content(_required(turn, "content", f"{where}[{i}]."),
+                                                     f"{where}[{i}].content")}
+        messages.append(_with_weight(message, turn, f"{where}[{i}]"))
     return messages
+
+
+def _with_weight(message: dict, turn: dict, where: str) -> dict:
+    """OpenAI's fine-tuning `weight` on an assistant turn: 0 is context (not trained), 1 an answer."""
+    weight = turn.get("weight")
+    if weight is None:
+        return message
+    if message["role"] != "assistant":
+        raise RecordError(f"{where}.weight: only assistant turns have a weight")
+    if weight not in (0, 1) or isinstance(weight, bool):
+        raise RecordError(f"{where}.weight must be 0 or 1, got {weight!r}")
+    return message if weight == 1 else dict(message, train=False)
 
 
 def _with_answer(messages: list[dict]) -> list[dict]:
@@ -179,11 +192,15 @@ def detect_format(obj: dict) -> str:
                       "columns with --columns")
 
 
+OPTIONAL_KEYS = ("system", "input", "history")
+
+
 def select_columns(obj: dict, columns: dict[str, str]) -> dict:
     """The record with `columns` (format key -> the record's column) renamed to the format's keys, replacing
-    what those keys held."""
+    what those keys held; an optional key's column may be absent (a null in Parquet or Arrow)."""
     if not columns:
         return obj
+    columns = {key: column for key, column in columns.items() if column in obj or key not in OPTIONAL_KEYS}
     missing = [column for column in columns.values() if column not in obj]
     if missing:
         raise RecordError(f"the column(s) {', '.join(missing)} named by --columns are missing")
@@ -197,10 +214,11 @@ def matching_formats(obj: dict) -> list[str]:
 
 def record_messages(obj: dict, fallback: str | None = None, columns: dict[str, str] | None = None,
                     special_tokens: frozenset[str] = frozenset(), forced: bool = False) -> tuple[str, list[dict]]:
-    """(format, chat messages) of a record, its columns selected first. Its keys decide the format; a record
+    """(format, chat messages) of a record, null fields dropped (as Parquet and Arrow rows come) and its columns
+    selected first. Its keys decide the format; a record
     holding only part of `fallback`'s keys (its file's format) is read as that, naming what is missing.
     `forced`: read it as `fallback` whatever keys it holds."""
-    obj = select_columns(obj, columns or {})
+    obj = select_columns({key: value for key, value in obj.items() if value is not None}, columns or {})
     name = fallback
     if not forced:
         found = matching_formats(obj)

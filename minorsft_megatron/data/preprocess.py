@@ -65,7 +65,7 @@ class PreprocessSettings:
     skip_bad_records: bool = False
     """Count and skip bad records (with a warning each) instead of stopping at the first."""
     record_format: str | None = None
-    """A format of data/formats.py for every input; None: detected per file from its first record."""
+    """A format of data/formats.py for every record; None: detected per record from its keys."""
     columns: dict[str, str] = field(default_factory=dict)
     """Format key -> the column holding it (e.g. {"messages": "chosen"}), for files with other names or
     several sets of text columns."""
@@ -425,9 +425,9 @@ class _Parser:
                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                        help=".jsonl, .jsonl.gz, .json (a list), .parquet files or datasets save_to_disk directories, in "
-                            "order; any mix of record formats, one per file")
+                            "order; any mix of record formats")
         p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
-                       help="the record format of every input (default: detected per file from its first record)")
+                       help="the record format of every record (default: detected per record from its keys)")
         p.add_argument("--columns", default=None, type=columns_argument, metavar="KEY=COLUMN[,KEY=COLUMN]",
                        help="read a format's key from another column, e.g. messages=chosen or "
                             "prompt=question,response=answer")

@@ -16,11 +16,14 @@ import gzip
 import hashlib
 import json
 import os
+import zlib
 from dataclasses import dataclass
 
 from minorsft_megatron.errors import UserError
 
 ROW_BATCH = 1024
+BOM = "\ufeff".encode()
+"""A UTF-8 byte-order mark, which some editors put at the start of a file: not part of the first record."""
 CONTAINERS = ("jsonl", "jsonl.gz", "json", "parquet", "hf_dataset")
 
 
@@ -75,8 +78,11 @@ def _hf_split(path: str, split: str | None) -> str | None:
     if not os.path.isfile(os.path.join(path, "dataset_dict.json")):
         raise SourceError(f"{path}: a directory, but not one written by datasets' save_to_disk (no state.json or "
                           "dataset_dict.json)")
-    with open(os.path.join(path, "dataset_dict.json"), encoding="utf-8") as f:
-        splits = json.load(f).get("splits", [])
+    try:
+        with open(os.path.join(path, "dataset_dict.json"), encoding="utf-8") as f:
+            splits = list(json.load(f)["splits"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SourceError(f"{path}: dataset_dict.json is damaged ({type(err).__name__}: {err})")
     if split is None and len(splits) == 1:
         return splits[0]
     if split not in splits:
@@ -91,8 +97,9 @@ def records(source: Source):
         opener = gzip.open if source.container == "jsonl.gz" else open
         try:
             with opener(source.path, "rb") as f:
-                yield from enumerate(f, start=1)
-        except (OSError, EOFError) as err:  # a truncated or non-gzip .gz
+                for number, line in enumerate(f, start=1):
+                    yield number, line.removeprefix(BOM) if number == 1 else line
+        except (OSError, EOFError, zlib.error) as err:  # a truncated, damaged or non-gzip .gz
             raise SourceError(f"{source.path}: cannot be read: {err}")
     elif source.container == "json":
         yield from _json_list(source.path)
@@ -106,19 +113,20 @@ def _json_list(path: str):
     with open(path, "rb") as f:
         data = f.read()
     try:
-        text = data.decode("utf-8")
+        text = data.removeprefix(BOM).decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise SourceError(f"{path}:{line}: invalid UTF-8 at byte {err.start}")
     at = len(text) - len(text.lstrip())
     if not text.startswith("[", at):
-        yield from enumerate(data.splitlines(keepends=True), start=1)
+        yield from enumerate(text.encode("utf-8").splitlines(keepends=True), start=1)
         return
     decoder, line, counted = json.JSONDecoder(object_pairs_hook=lambda pairs: None), 1, 0
     at += 1
     while True:
         at = _skip_space(text, at)
         if text.startswith("]", at):
+            _check_nothing_after(path, text, at + 1)
             return
         line += text.count("\n", counted, at)
         counted = at
@@ -133,6 +141,14 @@ def _json_list(path: str):
         elif not text.startswith("]", at):
             raise SourceError(f"{path}:{line + text.count(chr(10), counted, end)}: malformed JSON list: expected ',' "
                               "or ']' after an element")
+
+
+def _check_nothing_after(path: str, text: str, at: int) -> None:
+    """Only whitespace may follow the list (`cat a.json b.json` would otherwise lose b's records)."""
+    rest = _skip_space(text, at)
+    if rest < len(text):
+        line = text.count("\n", 0, rest) + 1
+        raise SourceError(f"{path}:{line}: malformed JSON list: more text after the list's closing ']'")
 
 
 def _skip_space(text: str, at: int) -> int:
