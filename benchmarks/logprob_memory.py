@@ -91,9 +91,10 @@ def run_child(path, vocab, seq, hidden_size, chunk, device) -> dict:
     args = [sys.executable, __file__, "--child", path, "--vocab", str(vocab), "--seq", str(seq), "--hidden",
             str(hidden_size), "--chunk-size", str(chunk), "--device", device]
     done = subprocess.run(args, capture_output=True, text=True)
-    if done.returncode:
-        tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-        return {"error": tail[0]}
+    if done.returncode:  # a size that does not fit is a row of the table, not the end of the benchmark
+        from children import child_error
+
+        return {"error": child_error(done.stderr, done.returncode)}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -52,6 +52,12 @@ def _optional_text(obj: dict, key: str) -> str | None:
     return text_value(value, f"'{key}'")
 
 
+def _system_message(obj: dict) -> list[dict]:
+    """[the system turn] from an optional top-level `system`, or []."""
+    system = _optional_text(obj, "system")
+    return [{"role": "system", "content": system}] if system is not None else []
+
+
 def _list(value, where: str) -> list:
     if not isinstance(value, list):
         raise RecordError(f"{where} must be a list, got {type(value).__name__}")
@@ -122,8 +128,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 
 def sharegpt(obj: dict) -> list[dict]:
-    system = _optional_text(obj, "system")
-    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages = _system_message(obj)
     for i, turn in enumerate(_list(_required(obj, "conversations"), "'conversations'")):
         turn = _object(turn, f"conversations[{i}]")
         speaker = turn.get("from")
@@ -136,8 +141,7 @@ def sharegpt(obj: dict) -> list[dict]:
 
 
 def alpaca(obj: dict) -> list[dict]:
-    system = _optional_text(obj, "system")
-    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages = _system_message(obj)
     for i, pair in enumerate(obj.get("history") or []):
         if not (isinstance(pair, list) and len(pair) == 2):
             raise RecordError(f"history[{i}] must be a [instruction, response] pair")
@@ -164,8 +168,7 @@ def prompt_completion(obj: dict) -> list[dict]:
 
 
 def prompt_response(obj: dict) -> list[dict]:
-    system = _optional_text(obj, "system")
-    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages = _system_message(obj)
     return messages + [{"role": "user", "content": text_value(_required(obj, "prompt"), "'prompt'")},
                        {"role": "assistant", "content": text_value(_required(obj, "response"), "'response'")}]
 

@@ -412,17 +412,15 @@ def summary(c: Counts, seconds: float, template: ChatTemplate, final: dict[str, 
 # ---- command line -------------------------------------------------------------------------------------------
 
 class _Parser:
-    """argparse with one-line errors (usage on --help only)."""
+    """The command line, with one-line errors (cli.ArgumentParser; usage on --help only)."""
 
     def __new__(cls):
         import argparse
 
-        class OneLineParser(argparse.ArgumentParser):
-            def error(self, message):
-                raise PreprocessError(f"{self.prog}: {message}")
+        from minorsft_megatron.cli import ArgumentParser
 
-        p = OneLineParser(prog="preprocess_sft_data.py", description=__doc__,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = ArgumentParser(prog="preprocess_sft_data.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                        help=".jsonl, .jsonl.gz, .json (a list), .parquet files or datasets save_to_disk directories, in "
                             "order; any mix of record formats")
