@@ -23,5 +23,5 @@ cat <<DONE
 Quickstart finished.
   metrics:     runs/tiny_cpu/metrics.jsonl, runs/tiny_cpu_sft_seq/metrics.jsonl (TensorBoard: runs/*/tensorboard)
   checkpoint:  runs/tiny_cpu/checkpoints (latest in latest_checkpointed_iteration.txt)
-  plot:        runs/tiny_cpu/metrics.png (m_theta and loss over steps, minor_sft against sft_seq)
+  plot:        runs/tiny_cpu/metrics.png (m_theta, answer NLL per token and each loss over steps, minor_sft against sft_seq)
 DONE
