@@ -1,10 +1,12 @@
 """What the benchmarks share: running a child command so that its failure is one line with the child's own
-error (not a CalledProcessError traceback), and the quickstart data they measure on, prepared when missing."""
+error (not a CalledProcessError traceback), the quickstart data they measure on, prepared when missing, and how
+repeated measurements are reported."""
 
 from __future__ import annotations
 
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -55,3 +57,11 @@ def ensure_dataset(prefix: str) -> None:
     run_child([sys.executable, "tools/preprocess_sft_data.py", "--input", "examples/data/sft_train.jsonl",
                "--tokenizer", "examples/data/tokenizer.model", "--chat-template", "chatml", "--seq-length", "128",
                "--output-prefix", prefix, "--workers", "2"], f"preparing {prefix}")
+
+
+def spread(values: list[float], digits: int) -> str:
+    """`median (min-max)` of repeated measurements (the median alone for one)."""
+    mid = statistics.median(values)
+    if len(values) == 1:
+        return f"{mid:.{digits}f}"
+    return f"{mid:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"

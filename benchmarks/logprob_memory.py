@@ -15,8 +15,11 @@ Each measurement runs in a fresh process: on CPU the peak resident-set growth ov
 mmap threshold fixed so that freed tensors are given back), on a GPU the allocator's peak over the inputs. As in
 training, the weight's fp32 `main_grad` exists beforehand (megatron-core's DistributedDataParallel): today's and
 the unfused path add their bf16 weight gradient into it as DDP's hook does, the fused op adds into it directly.
-The time is the forward-backward's wall time. The last line is `V=152064 s=4096: peak_memory_ratio=R
-time_ratio=T` (fused over today's).
+The time is the forward-backward's wall time. Every measurement is repeated `--repeat` times (default 3), the
+paths alternating within each repeat so that a slower stretch of the machine falls on all of them; each row gives
+the median and the range (min-max), and a path's ratios to today's are taken repeat by repeat (each against the
+today run beside it), then their median and range. The last line is `V=152064 s=4096: peak_memory_ratio=R
+time_ratio=T (min A, max B, N repeats)` (fused over today's).
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
+
+from children import child_error, spread
 
 PATHS = ("today", "unfused", "fused")
 
@@ -92,10 +98,36 @@ def run_child(path, vocab, seq, hidden_size, chunk, device) -> dict:
             str(hidden_size), "--chunk-size", str(chunk), "--device", device]
     done = subprocess.run(args, capture_output=True, text=True)
     if done.returncode:  # a size that does not fit is a row of the table, not the end of the benchmark
-        from children import child_error
-
         return {"error": child_error(done.stderr, done.returncode)}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def repeated(paths, vocab, seq, args) -> dict:
+    """{path: [result of each repeat]}: every path measured once per repeat, in turn."""
+    runs = {path: [] for path in paths}
+    for _ in range(args.repeat):
+        for path in paths:
+            runs[path].append(run_child(path, vocab, seq, args.hidden, args.chunk_size, args.device))
+    return runs
+
+
+def table_rows(vocab: int, seq: int, runs: dict) -> dict:
+    """Print one row per path; return {path: (peak ratios, time ratios)} to today's, repeat by repeat."""
+    ratios = {}
+    for path, results in runs.items():
+        failed = [r["error"] for r in results if "error" in r]
+        if failed:
+            print(f"| {vocab} | {seq} | {path} | failed: {failed[0]} | | | |")
+            continue
+        peaks, seconds = [r["peak_gib"] for r in results], [r["seconds"] for r in results]
+        pairs = [(r, t) for r, t in zip(results, runs.get("today", [])) if "error" not in t]
+        rel = "- | -"
+        if pairs:
+            ratios[path] = ([r["peak_gib"] / t["peak_gib"] for r, t in pairs],
+                            [r["seconds"] / t["seconds"] for r, t in pairs])
+            rel = f"{spread(ratios[path][0], 3)} | {spread(ratios[path][1], 3)}"
+        print(f"| {vocab} | {seq} | {path} | {spread(peaks, 2)} | {spread(seconds, 2)} | {rel} |", flush=True)
+    return ratios
 
 
 def main() -> int:
@@ -106,35 +138,32 @@ def main() -> int:
     p.add_argument("--chunk-size", type=int, default=256, help="as loss.logprob_chunk_size (default 256)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    p.add_argument("--repeat", type=int, default=3, help="measurements of each path, alternating (default 3)")
     p.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.repeat < 1:
+        p.error(f"--repeat: {args.repeat} is not a positive count")
     if args.child:
         import torch
 
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
         print(json.dumps(measure(args.child, args.vocab[0], args.seq[0], args.hidden, args.chunk_size, args.device)))
         return 0
-    print(f"hidden {args.hidden}, chunk {args.chunk_size} positions, {args.device}; peak memory over the inputs")
+    print(f"hidden {args.hidden}, chunk {args.chunk_size} positions, {args.device}; peak memory over the inputs; "
+          f"median (min-max) of {args.repeat} alternating repeats")
     print("| V | s | path | peak (GiB) | seconds | peak / today | time / today |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    ratios = {}
+    fused = {}
     for vocab in args.vocab:
         for seq in args.seq:
-            rows = {path: run_child(path, vocab, seq, args.hidden, args.chunk_size, args.device) for path in args.paths}
-            today = rows.get("today", {})
-            for path, r in rows.items():
-                if "error" in r:
-                    print(f"| {vocab} | {seq} | {path} | failed: {r['error']} | | | |")
-                    continue
-                rel = (f"{r['peak_gib'] / today['peak_gib']:.3f} | {r['seconds'] / today['seconds']:.3f}"
-                       if "peak_gib" in today else "- | -")
-                print(f"| {vocab} | {seq} | {path} | {r['peak_gib']:.2f} | {r['seconds']:.2f} | {rel} |", flush=True)
-            if "peak_gib" in today and "peak_gib" in rows.get("fused", {}):
-                ratios[vocab, seq] = (rows["fused"]["peak_gib"] / today["peak_gib"],
-                                      rows["fused"]["seconds"] / today["seconds"])
-    if (152064, 4096) in ratios:
-        r, t = ratios[152064, 4096]
-        print(f"V=152064 s=4096: peak_memory_ratio={r:.3f} time_ratio={t:.3f}")
+            ratios = table_rows(vocab, seq, repeated(args.paths, vocab, seq, args))
+            if "fused" in ratios:
+                fused[vocab, seq] = ratios["fused"]
+    if (152064, 4096) in fused:
+        peaks, times = fused[152064, 4096]
+        print(f"V=152064 s=4096: peak_memory_ratio={statistics.median(peaks):.3f} "
+              f"time_ratio={statistics.median(times):.3f} (min {min(times):.3f}, max {max(times):.3f}, "
+              f"{len(times)} repeats)")
     return 0
 
 

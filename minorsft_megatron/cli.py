@@ -12,6 +12,7 @@ import torch.distributed as dist
 from minorsft_megatron import parallel
 from minorsft_megatron.compat import check_megatron_version
 from minorsft_megatron.errors import UserError
+from minorsft_megatron.lifetime import die_with_parent
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -69,12 +70,5 @@ def run_main(job) -> int:
 def die_with_launcher() -> None:
     """Under torchrun, have the kernel end this rank when the launcher dies (SIGKILL of the agent would otherwise
     leave the ranks training on, unsupervised). Linux only; elsewhere nothing."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    launcher = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != launcher:  # it died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent(os.getppid())

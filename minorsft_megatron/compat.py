@@ -23,10 +23,17 @@ the schedule from a new lr (checkpoint.override_schedule) fails to load. -> `wit
 loaded groups the current optimizer's values first (the schedule is recomputed from them anyway).
 
 megatron-core's checkpoint writer starts a multiprocessing Manager (a spawned server process) at a process's first
-save (`_get_write_results_queue` in 0.16, `get_write_results_queue` in 0.19). A terminal's Ctrl-C reaches it too,
-and it prints a KeyboardInterrupt traceback. -> start it with SIGINT ignored (kept across its exec), so that the
-ranks alone report the interrupt; the rank ignores SIGINT only during the fork-exec itself, not while the server
-starts up (a rank that lost the signal then would wait at the next barrier for a peer that has gone).
+save (`_get_write_results_queue` in 0.16, `get_write_results_queue` in 0.19) and keeps its queue in the module's
+`_results_queue`. Two things go wrong with it:
+1. A terminal's Ctrl-C reaches it too, and it prints a KeyboardInterrupt traceback. -> start it with SIGINT ignored
+   (kept across its exec), so that the ranks alone report the interrupt; the rank ignores SIGINT only during the
+   fork-exec itself, not while the server starts up (a rank that lost the signal then would wait at the next
+   barrier for a peer that has gone).
+2. Only a rank's normal exit shuts it down: a rank that is killed, or ends with os._exit, leaves the server running
+   for good (about 270 MB, reparented to init; the test suite's crash tests left two per run). -> start it with
+   an initializer that has the kernel end it when its rank dies (lifetime.die_with_parent).
+Both by starting the Manager ourselves, on the rank's main thread (elsewhere megatron-core's own start runs), and
+handing its queue to megatron-core's global before its function looks.
 """
 
 from __future__ import annotations
@@ -34,13 +41,16 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import multiprocessing.managers
 import multiprocessing.util
+import os
 import signal
 import threading
 
 import torch
 
 from minorsft_megatron.errors import UserError
+from minorsft_megatron.lifetime import die_with_parent
 
 _applied = False
 SUPPORTED = ((0, 16, 1), (0, 16, 99)), ((0, 19, 0), (0, 19, 99))
@@ -157,19 +167,21 @@ def _quiet(logger_name: str, prefix: str) -> None:
     logging.getLogger(logger_name).addFilter(lambda record: not record.getMessage().startswith(prefix))
 
 
-def _spawned_without_sigint(start):
-    """`start`, with every process multiprocessing spawns meanwhile started with SIGINT ignored: only the
-    fork-exec itself runs with SIGINT ignored here, so an interrupt arriving while the child starts up is kept."""
-    @functools.wraps(start)
+def _writer_queue_dying_with_rank(get_queue, writer):
+    """megatron-core's `get_queue`, its Manager first started here (see the module docstring)."""
+    @functools.wraps(get_queue)
     def wrapped(*args, **kwargs):
-        if threading.current_thread() is not threading.main_thread():
-            return start(*args, **kwargs)
-        spawn = multiprocessing.util.spawnv_passfds
-        multiprocessing.util.spawnv_passfds = _sigint_ignored(spawn)
-        try:
-            return start(*args, **kwargs)
-        finally:
-            multiprocessing.util.spawnv_passfds = spawn
+        if writer._results_queue is None and threading.current_thread() is threading.main_thread():
+            mode = args[0] if args else kwargs.get("mp_mode", "spawn")  # 0.19's argument; 0.16 always spawns
+            manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context(mode))
+            spawn = multiprocessing.util.spawnv_passfds
+            multiprocessing.util.spawnv_passfds = _sigint_ignored(spawn)
+            try:
+                manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+            finally:
+                multiprocessing.util.spawnv_passfds = spawn
+            writer._results_queue = manager.Queue()  # the proxy keeps its manager alive, as megatron-core's does
+        return get_queue(*args, **kwargs)
 
     return wrapped
 
@@ -186,10 +198,10 @@ def _sigint_ignored(call):
     return wrapped
 
 
-def _quiet_checkpoint_writer_manager() -> None:
+def _checkpoint_writer_manager() -> None:
     writer = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
     name = "get_write_results_queue" if hasattr(writer, "get_write_results_queue") else "_get_write_results_queue"
-    setattr(writer, name, _spawned_without_sigint(getattr(writer, name)))
+    setattr(writer, name, _writer_queue_dying_with_rank(getattr(writer, name), writer))
 
 
 def apply() -> None:
@@ -206,5 +218,5 @@ def apply() -> None:
     D.sharded_state_dict = _allocating_adam_state(D.sharded_state_dict)
     D.load_state_dict = _restoring_adam_steps(D.load_state_dict)
     D._set_main_param_and_optimizer_states = _skipping_adam_step(D._set_main_param_and_optimizer_states)
-    _quiet_checkpoint_writer_manager()
+    _checkpoint_writer_manager()
     _applied = True

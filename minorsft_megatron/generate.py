@@ -25,7 +25,8 @@ import torch.distributed as dist
 from minorsft_megatron import checkpoint, parallel, paths
 from minorsft_megatron.cli import ArgumentParser, positive_int, run_main
 from minorsft_megatron.config import ConfigError
-from minorsft_megatron.data.records import RecordError, parse_record
+from minorsft_megatron.data.formats import parse_record
+from minorsft_megatron.data.records import RecordError
 from minorsft_megatron.data.templates import prompt_ids, resolve_template
 from minorsft_megatron.data.tokenizer import TokenizerError, load_tokenizer
 from minorsft_megatron.device import setup_device

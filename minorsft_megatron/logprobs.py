@@ -198,28 +198,52 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor:
-    """`[c, V/tp]` logits of `c` positions in the math dtype: the output layer's matmul in its own dtype, then
-    upcast, padded vocabulary columns -inf (so they take no probability)."""
-    logits = (hidden @ weight.t()).to(_math_dtype(weight.dtype))  # [c, V/tp]
-    if vocab_size < vocab_start + logits.size(-1):
-        logits[:, max(vocab_size - vocab_start, 0):] = float("-inf")
-    return logits
+class _ChunkBuffers:
+    """The `[chunk, V/tp]` buffers of one chunk's logits, allocated once per forward (or backward) and reused by
+    every chunk: the matmul's output in the weight's dtype and its upcast to the math dtype (one buffer when they
+    agree). On a CPU each fresh buffer of this size is a new mmap whose pages the kernel faults in and zeroes:
+    allocating them per chunk cost about a quarter of the op's time (docs/performance.md)."""
+
+    def __init__(self, chunk: int, weight: torch.Tensor):
+        shape = dict(device=weight.device)
+        self.math = torch.empty(chunk, weight.size(0), dtype=_math_dtype(weight.dtype), **shape)  # [chunk, V/tp]
+        self.low = None if weight.dtype == self.math.dtype else \
+            torch.empty(chunk, weight.size(0), dtype=weight.dtype, **shape)  # [chunk, V/tp]
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor:
+        """`[c, V/tp]` logits of `c` <= chunk positions in the math dtype (a view of the buffer): the output
+        layer's matmul in its own dtype, then upcast, padded vocabulary columns -inf (so they take no
+        probability)."""
+        rows = hidden.size(0)
+        if self.low is None:
+            logits = torch.mm(hidden, weight.t(), out=self.math[:rows])
+        else:
+            logits = self.math[:rows].copy_(torch.mm(hidden, weight.t(), out=self.low[:rows]))
+        if vocab_size < vocab_start + logits.size(-1):
+            logits[:, max(vocab_size - vocab_start, 0):] = float("-inf")
+        return logits
+
+    def in_weight_dtype(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` (a view of the math buffer) in the weight's dtype, in the other buffer."""
+        return values if self.low is None else self.low[:values.size(0)].copy_(values)
 
 
 WGRAD_BLOCK = 8192
 """Vocabulary rows per step when the weight gradient is added into an accumulator of another dtype."""
 
 
-def _add_weight_grad(accumulator: torch.Tensor, d_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+def _add_weight_grad(accumulator: torch.Tensor, d_logits: torch.Tensor, hidden: torch.Tensor,
+                     block: torch.Tensor | None) -> None:
     """accumulator [V/tp, h] += d_logits^T [V/tp, c] @ hidden [c, h]: in place when the dtypes agree, else (bf16
-    products into an fp32 main_grad) WGRAD_BLOCK vocabulary rows at a time, so no [V/tp, h] temporary exists."""
+    products into an fp32 main_grad) WGRAD_BLOCK vocabulary rows at a time through `block` `[WGRAD_BLOCK, h]`,
+    so no [V/tp, h] temporary exists."""
     if accumulator.dtype == d_logits.dtype:
         accumulator.addmm_(d_logits.t(), hidden)
         return
     for start in range(0, accumulator.size(0), WGRAD_BLOCK):
         rows = slice(start, start + WGRAD_BLOCK)
-        accumulator[rows].add_(d_logits[:, rows].t() @ hidden)
+        product = d_logits[:, rows].t()  # [r, c]
+        accumulator[rows].add_(torch.mm(product, hidden, out=block[:product.size(0)]))
 
 
 def _label_columns(labels: torch.Tensor, vocab_start: int, width: int):
@@ -232,12 +256,15 @@ def _label_columns(labels: torch.Tensor, vocab_start: int, width: int):
 class _FusedOutputLogProbs(torch.autograd.Function):
     """log softmax(hidden @ weight^T)[label], `chunk` positions at a time, the vocabulary split over `tp_group`.
 
-    Forward, per chunk: the chunk's logits `[c, V/tp]`; all-reduces over `tp_group` of the max and then of the
-    label logit and the sum of exps (2 collectives of `[c]`/`[2, c]`); keeps only each position's log-sum-exp.
+    Forward, per chunk: the chunk's logits `[c, V/tp]`, their max over this shard, the label's logit (on its
+    shard) and the sum of exp(logit - shard max). Then, once for all positions, all-reduces over `tp_group` of
+    the max (`[N]`) and of the label logit and the sum of exps rescaled to that max (`[2, N]`): 2 collectives per
+    call whatever the number of chunks. Keeps only each position's log-sum-exp.
     Backward, per chunk: the logits again, d logp / d logits = onehot - softmax (exactly 0 where the upstream
     gradient is 0), this shard's part of the hidden states' gradient (the caller's region op reduces it over TP)
     and the weight's gradient, added to `weight.main_grad` where megatron-core's DDP keeps one (its own
-    gradient-accumulation-fusion protocol), else returned. Peak memory: a few `[chunk, V/tp]` tensors.
+    gradient-accumulation-fusion protocol), else returned. Peak memory: two `[chunk, V/tp]` buffers (one in the
+    weight's dtype, one in fp32) reused by every chunk, and a `[WGRAD_BLOCK, h]` one in backward.
     """
 
     @staticmethod
@@ -245,24 +272,26 @@ class _FusedOutputLogProbs(torch.autograd.Function):
         rank, world_size = _rank_and_size(tp_group)
         width = weight.size(0)
         vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(width, rank, world_size)
-        logp = torch.empty(hidden.size(0), dtype=_math_dtype(weight.dtype), device=hidden.device)  # [N]
-        lse = torch.empty_like(logp)  # [N] log-sum-exp, all that backward keeps per position
+        buffers = _ChunkBuffers(min(chunk, hidden.size(0)), weight)
+        math_dtype = _math_dtype(weight.dtype)
+        shard_max = torch.empty(hidden.size(0), dtype=math_dtype, device=hidden.device)  # [N] this shard's max
+        label_and_sum = torch.empty(2, hidden.size(0), dtype=math_dtype, device=hidden.device)  # [2, N]
         for start in range(0, hidden.size(0), chunk):
             part = slice(start, start + chunk)
-            logits = _chunk_logits(hidden[part], weight, vocab_size, vocab_start)  # [c, V/tp]
-            logits_max = logits.max(dim=-1).values  # [c]
-            all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
+            logits = buffers.logits(hidden[part], weight, vocab_size, vocab_start)  # [c, V/tp]
+            shard_max[part] = logits.max(dim=-1).values
             column, here = _label_columns(labels[part], vocab_start, width)
-            label_and_sum = torch.stack([
-                torch.where(here, logits.gather(-1, column[:, None])[:, 0], 0.0),
-                logits.sub_(logits_max[:, None]).exp_().sum(dim=-1),
-            ])  # [2, c]: the label's logit (on its shard), the sum of exps
-            all_reduce(label_and_sum, dist.ReduceOp.SUM, tp_group)
-            lse[part] = logits_max + label_and_sum[1].log()
-            logp[part] = label_and_sum[0] - lse[part]
+            label_and_sum[0, part] = torch.where(here, logits.gather(-1, column[:, None])[:, 0], 0.0)
+            finite_max = torch.where(shard_max[part] == float("-inf"), 0.0, shard_max[part])  # a padding-only
+            label_and_sum[1, part] = logits.sub_(finite_max[:, None]).exp_().sum(dim=-1)  # shard sums to 0
+        logits_max = shard_max.clone()
+        all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)  # [N] the max over the whole vocabulary
+        label_and_sum[1].mul_(torch.exp(shard_max - logits_max))  # each shard's sum of exp(logit - that max)
+        all_reduce(label_and_sum, dist.ReduceOp.SUM, tp_group)  # the label's logit (on its shard), the sum of exps
+        lse = logits_max + label_and_sum[1].log()  # [N] log-sum-exp, all that backward keeps per position
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.meta = (vocab_size, vocab_start, chunk)
-        return logp
+        return label_and_sum[0] - lse
 
     @staticmethod
     def backward(ctx, grad_logp):
@@ -271,16 +300,19 @@ class _FusedOutputLogProbs(torch.autograd.Function):
         into_main_grad = hasattr(weight, "grad_added_to_main_grad") and hasattr(weight, "main_grad")
         grad_weight = weight.main_grad if into_main_grad else torch.zeros_like(weight, dtype=lse.dtype)
         grad_hidden = torch.empty_like(hidden)
+        buffers = _ChunkBuffers(min(chunk, hidden.size(0)), weight)
+        block = None if grad_weight.dtype == weight.dtype else \
+            torch.empty(min(WGRAD_BLOCK, weight.size(0)), weight.size(1), dtype=weight.dtype, device=weight.device)
         for start in range(0, hidden.size(0), chunk):
             part = slice(start, start + chunk)
             g = grad_logp[part].to(lse.dtype)  # [c]
-            softmax = _chunk_logits(hidden[part], weight, vocab_size, vocab_start).sub_(lse[part, None]).exp_()
+            softmax = buffers.logits(hidden[part], weight, vocab_size, vocab_start).sub_(lse[part, None]).exp_()
             d_logits = softmax.mul_(-g[:, None])  # [c, V/tp]: g * (onehot - softmax), the onehot next
             column, here = _label_columns(labels[part], vocab_start, weight.size(0))
             d_logits[here, column[here]] += g[here]
-            d_logits = d_logits.masked_fill_((g == 0)[:, None], 0.0).to(weight.dtype)  # 0 * nan stays out
-            grad_hidden[part] = d_logits @ weight  # [c, h]
-            _add_weight_grad(grad_weight, d_logits, hidden[part])
+            d_logits = buffers.in_weight_dtype(d_logits.masked_fill_((g == 0)[:, None], 0.0))  # 0 * nan stays out
+            torch.mm(d_logits, weight, out=grad_hidden[part])  # [c, h]
+            _add_weight_grad(grad_weight, d_logits, hidden[part], block)
         if into_main_grad:
             weight.grad_added_to_main_grad = True
             shape = dict(dtype=hidden.dtype, device=hidden.device)
@@ -305,7 +337,7 @@ def fused_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         `[b, s]` float32 log-probs (float64 for a float64 weight), the same on every TP rank. Collectives: the
         output layer's on the hidden
         states (all-gather under SP; its backward an all-reduce or reduce-scatter), 2 all-reduces over
-        `tp_group` per chunk forward and none in backward.
+        `tp_group` in forward (whatever the number of chunks) and none in backward.
     """
     from megatron.core.tensor_parallel.mappings import (
         copy_to_tensor_model_parallel_region,

@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 
+from tests.process_cleanup import pytest_configure, pytest_sessionfinish  # noqa: F401 (hooks: no process left)
 from tests.tokenizers_for_tests import DATA, SENTENCEPIECE_MODEL
 
 

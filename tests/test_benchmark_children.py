@@ -58,3 +58,26 @@ def test_a_crashed_rank_is_reported_by_its_own_error_not_torchruns_box():
     assert child_error(stderr, 1) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert child_error("note\nerror: data.prefix x: no dataset\n", 2) == "error: data.prefix x: no dataset"
     assert child_error("", 9) == "exit status 9"
+
+
+def test_repeated_measurements_are_reported_as_median_and_range():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from children import spread
+
+    assert spread([3.0, 1.0, 2.0], 1) == "2.0 (1.0-3.0)"
+    assert spread([1.25], 2) == "1.25"
+
+
+def test_the_logprob_benchmark_repeats_each_path_and_pairs_the_ratios():
+    """Tiny sizes (the figures mean nothing): every path measured --repeat times, each row the median and range,
+    the ratios to today's taken repeat by repeat."""
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "logprob_memory.py"), "--vocab", "300",
+                           "--seq", "64", "--hidden", "16", "--chunk-size", "16", "--paths", "today", "fused",
+                           "--repeat", "2"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "median (min-max) of 2 alternating repeats" in lines[0]
+    rows = {line.split(" | ")[2]: line.split(" | ") for line in lines if line.startswith("| 300 | 64 |")}
+    assert set(rows) == {"today", "fused"}
+    assert rows["today"][5].startswith("1.000 (1.000-1.000)")  # today's own ratio, pair by pair
+    assert all("(" in cell and "-" in cell for cell in rows["fused"][3:7])

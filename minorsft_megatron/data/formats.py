@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from minorsft_megatron.data.records import ROLES, RecordError, check_special_tokens, text_value
+from minorsft_megatron.data.records import ROLES, RecordError, check_special_tokens, parse_json_record, text_value
 
 
 @dataclass(frozen=True)
@@ -230,3 +230,9 @@ def record_messages(obj: dict, fallback: str | None = None, columns: dict[str, s
             detect_format(obj)  # raises, naming the formats or the keys
         name = found[0] if found else fallback
     return name, check_special_tokens(FORMATS[name].to_messages(obj), special_tokens)
+
+
+def parse_record(line: bytes, special_tokens: frozenset[str] = frozenset()) -> list[dict] | None:
+    """The chat messages of one JSONL line in any known format (detected from its keys); None for a blank line."""
+    obj = parse_json_record(line)
+    return None if obj is None else record_messages(obj, special_tokens=special_tokens)[1]

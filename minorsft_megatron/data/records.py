@@ -1,5 +1,6 @@
-"""SFT records: JSON text checked and parsed, text fields checked, and a record turned into chat messages
-in whichever of the formats in formats.py it is written.
+"""SFT records: JSON text checked and parsed, text fields and special tokens checked. The lowest layer of data/:
+it imports nothing of the package but errors.py (formats.py, which turns a record into chat messages, builds on
+it).
 
 Every problem raises RecordError with a message that the caller prefixes with the record's place (FILE:LINE, or
 a row).
@@ -68,10 +69,3 @@ def check_special_tokens(messages: list[dict], special_tokens: frozenset[str]) -
                 raise RecordError(f"{message['role']} content holds the special token {token!r}")
     return messages
 
-
-def parse_record(line: bytes, special_tokens: frozenset[str] = frozenset()) -> list[dict] | None:
-    """The chat messages of one JSONL line in any known format (detected from its keys); None for a blank line."""
-    from minorsft_megatron.data.formats import record_messages
-
-    obj = parse_json_record(line)
-    return None if obj is None else record_messages(obj, special_tokens=special_tokens)[1]
