@@ -159,7 +159,8 @@ class ReferenceConfig:
     """Keep the co-located reference's weights in CPU memory between its forwards."""
     micro_batch_size: int | None = None
     """Rows per micro-batch of the co-located reference's forward: a multiple of data.micro_batch_size (it keeps
-    no activations, so it can run larger ones); None: data.micro_batch_size."""
+    no activations, so it can run larger ones, with fewer collectives per row); None: data.micro_batch_size.
+    Larger is not always faster: on CPU, 16 rows of 128 positions beat 32 (docs/performance.md)."""
 
 
 @dataclass
