@@ -160,7 +160,7 @@ def test_bf16_weights_accumulate_into_an_fp32_main_grad_block_by_block(monkeypat
     h64, w64 = h16.detach().double().requires_grad_(), w16.detach().double().requires_grad_()
     expected = torch.log_softmax(h64 @ w64[:VOCAB].t(), -1).gather(-1, labels[..., None])[..., 0]
     (expected * upstream).sum().backward()
-    assert rel_err(logp.double(), expected.detach()) <= 1e-2
+    assert rel_err(logp.detach().double(), expected.detach()) <= 1e-2
     assert rel_err(h16.grad.double(), h64.grad) <= 2e-2
     assert rel_err(w16.main_grad.double() - before.double(), w64.grad) <= 2e-2
     assert torch.equal(w16.main_grad[VOCAB:], before[VOCAB:])  # padding rows: nothing added
