@@ -34,6 +34,10 @@ save (`_get_write_results_queue` in 0.16, `get_write_results_queue` in 0.19) and
    an initializer that has the kernel end it when its rank dies (lifetime.die_with_parent).
 Both by starting the Manager ourselves, on the rank's main thread (elsewhere megatron-core's own start runs), and
 handing its queue to megatron-core's global before its function looks.
+
+megatron-core's MoE router GEMM (`RouterGatingLinearFunction` in moe/moe_utils.py, 0.16 and 0.19) tests
+`te_general_gemm is not None`, but that name is bound only when Transformer Engine imports: without TE the router
+raises NameError. -> bind it to None there, so the router takes its torch branch (`torch.mm` in the router dtype).
 """
 
 from __future__ import annotations
@@ -204,6 +208,12 @@ def _checkpoint_writer_manager() -> None:
     setattr(writer, name, _writer_queue_dying_with_rank(getattr(writer, name), writer))
 
 
+def _router_gemm_without_te() -> None:
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def apply() -> None:
     """Check the version, then install the workarounds above into megatron-core (once per process)."""
     global _applied
@@ -219,4 +229,5 @@ def apply() -> None:
     D.load_state_dict = _restoring_adam_steps(D.load_state_dict)
     D._set_main_param_and_optimizer_states = _skipping_adam_step(D._set_main_param_and_optimizer_states)
     _checkpoint_writer_manager()
+    _router_gemm_without_te()
     _applied = True

@@ -62,6 +62,35 @@ class ModelConfig:
     on a GPU, local otherwise)."""
     init_method_std: float = 0.02
     """Std of the random initialisation (used when no starting checkpoint is given)."""
+    num_experts: int | None = None
+    """Routed experts of each mixture-of-experts layer (megatron-core's MoELayer); None: a dense model."""
+    moe_layers: list[int] | None = None
+    """Per layer, 1 for an MoE layer and 0 for a dense one (ffn_hidden_size wide): Qwen's mlp_only_layers,
+    DeepSeek's first-k-dense; None: every layer is MoE."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: int | None = None
+    """Each routed expert's FFN width (per branch of SwiGLU); None: ffn_hidden_size."""
+    moe_shared_expert_ffn_hidden_size: int | None = None
+    """Width of the shared expert every token also goes through (Qwen2-MoE); None: no shared expert."""
+    moe_shared_expert_gate: bool = False
+    """Scale the shared expert's output by sigmoid(x . w_gate) (Qwen2-MoE's shared_expert_gate)."""
+    moe_router_score_function: str = "softmax"
+    """softmax or sigmoid router scores."""
+    moe_norm_topk_prob: bool = True
+    """Renormalise the chosen experts' weights to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob); false: the
+    full softmax's probabilities of the chosen experts (Qwen2-MoE). Sigmoid scores are always renormalised."""
+    moe_load_balancing: str = "aux_loss"
+    """aux_loss (the switch-transformer load-balancing loss of each micro-batch) or none."""
+    moe_aux_loss_coeff: float = 0.0
+    """Coefficient of the load-balancing loss (docs/training.md: how it enters the gradient)."""
+    moe_z_loss_coeff: float = 0.0
+    """Coefficient of the router z-loss (mean of logsumexp(router logits)^2); 0: off."""
+    moe_router_fp32: bool = True
+    """Router GEMM, scores and auxiliary losses in fp32 whatever precision.dtype is."""
+    moe_capacity_factor: float | None = None
+    """Expert capacity (tokens per expert, as a multiple of the even share) beyond which tokens are dropped;
+    None: dropless routing (the default, and the only one a reference may use)."""
 
 
 @dataclass
@@ -74,6 +103,12 @@ class ParallelConfig:
     """Sequence parallelism (needs tp > 1)."""
     cp: int = 1
     """Context-parallel size (needs the te spec)."""
+    ep: int = 1
+    """Expert-parallel size: the routed experts are split over this many ranks (MoE models)."""
+    etp: int | None = None
+    """Expert tensor-parallel size: each expert's FFN split over this many ranks; None: tp."""
+    moe_dispatcher: str = "alltoall"
+    """How tokens reach their experts' ranks: alltoall or allgather (megatron-core's token dispatchers)."""
     overlap_grad_reduce: bool | None = None
     """Reduce gradients over data-parallel ranks bucket by bucket during the last micro-batch's backward
     (megatron-core's overlap_grad_reduce; the same sums, computed while backward runs). None: on a GPU, off on
@@ -223,8 +258,11 @@ class TrainConfig:
 # ---- reading ------------------------------------------------------------------------------------------------
 
 def _type_name(tp) -> str:
-    return " or ".join("null" if a is type(None) else a.__name__ for a in typing.get_args(tp)) \
-        if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp.__name__
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return tp.__name__
 
 
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -235,6 +273,9 @@ def _check_value(value, tp, where: str):
     if value is None and type(None) in options:
         return None
     for option in options:
+        if typing.get_origin(option) is list and isinstance(value, list):
+            (item,) = typing.get_args(option)
+            return [_check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         if option is bool and isinstance(value, bool):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
@@ -402,6 +443,57 @@ def _validate_parallel(c: TrainConfig, source: str) -> None:
              "parallel.overlap_param_gather", "needs parallel.overlap_grad_reduce (megatron-core overlaps both)")
 
 
+MOE_LOAD_BALANCING = ("aux_loss", "none")
+MOE_DISPATCHERS = ("alltoall", "allgather")
+REFUSED_MOE = {
+    "seq_aux_loss": "the per-sequence load-balancing loss is not tested here; use aux_loss or none",
+    "global_aux_loss": "the global-batch load-balancing loss depends on the micro-batch order in megatron-core "
+                       "(a running count); use aux_loss or none",
+    "sinkhorn": "sinkhorn routing is not tested here; use aux_loss or none",
+}
+
+
+def _validate_moe(c: TrainConfig, source: str) -> None:
+    m, p = c.model, c.parallel
+    if m.num_experts is None:
+        for key, default in (("ep", 1), ("etp", None)):
+            _require(getattr(p, key) == default, source, f"parallel.{key}", "needs a mixture-of-experts model "
+                     "(model.num_experts)")
+        return
+    _require(m.num_experts >= 2, source, "model.num_experts", "must be at least 2 (or null: a dense model)")
+    _require(1 <= m.moe_router_topk <= m.num_experts, source, "model.moe_router_topk",
+             f"must be between 1 and num_experts {m.num_experts}")
+    if m.moe_layers is not None:
+        _require(len(m.moe_layers) == m.num_layers and set(m.moe_layers) <= {0, 1} and any(m.moe_layers), source,
+                 "model.moe_layers", f"must list 0 (dense) or 1 (MoE) for each of the {m.num_layers} layers, "
+                 "at least one 1")
+    for key in ("moe_ffn_hidden_size", "moe_shared_expert_ffn_hidden_size"):
+        _require(getattr(m, key) is None or getattr(m, key) >= 1, source, f"model.{key}", "must be at least 1")
+    _require(not m.moe_shared_expert_gate or m.moe_shared_expert_ffn_hidden_size, source,
+             "model.moe_shared_expert_gate", "needs model.moe_shared_expert_ffn_hidden_size (a shared expert)")
+    _choice(m.moe_router_score_function, ("softmax", "sigmoid"), source, "model.moe_router_score_function")
+    _require(m.moe_router_score_function == "softmax" or m.moe_norm_topk_prob or m.moe_router_topk == 1, source,
+             "model.moe_norm_topk_prob", "false needs softmax scores (megatron-core renormalises sigmoid scores)")
+    _require(m.moe_load_balancing not in REFUSED_MOE, source, "model.moe_load_balancing",
+             REFUSED_MOE.get(m.moe_load_balancing, ""))
+    _choice(m.moe_load_balancing, MOE_LOAD_BALANCING, source, "model.moe_load_balancing")
+    for key in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+        _require(getattr(m, key) >= 0, source, f"model.{key}", "must be >= 0")
+    _require(m.moe_load_balancing != "none" or m.moe_aux_loss_coeff == 0, source, "model.moe_aux_loss_coeff",
+             "must be 0 with moe_load_balancing: none")
+    _require(m.moe_capacity_factor is None or m.moe_capacity_factor > 0, source, "model.moe_capacity_factor",
+             "must be positive (or null: dropless)")
+    etp = p.etp or p.tp
+    _require(p.ep >= 1 and m.num_experts % p.ep == 0, source, "parallel.ep",
+             f"must divide num_experts {m.num_experts}")
+    _require(etp >= 1 and (m.moe_ffn_hidden_size or m.ffn_hidden_size) % etp == 0, source,
+             "parallel.etp" if p.etp else "parallel.tp", "must divide the expert FFN width "
+             f"{m.moe_ffn_hidden_size or m.ffn_hidden_size} (parallel.etp, or tp when etp is unset)")
+    _require(p.ep * etp == 1 or p.tp == 1 or p.sp, source, "parallel.sp",
+             "megatron-core needs sequence parallelism for expert parallelism beside tensor parallelism")
+    _choice(p.moe_dispatcher, MOE_DISPATCHERS, source, "parallel.moe_dispatcher")
+
+
 def _validate_precision_and_loss(c: TrainConfig, source: str) -> None:
     from minorsft_megatron.transformer_engine import FP8_FORMATS, FP8_RECIPES
 
@@ -471,6 +563,9 @@ def _validate_reference(c: TrainConfig, source: str) -> None:
     if r.mode == "cache":
         _require(r.cache is not None, source, "reference.cache", "is required with reference.mode: cache")
         _require(os.path.isfile(r.cache), source, "reference.cache", f"{r.cache}: no such file")
+    _require(r.mode == "none" or c.model.moe_capacity_factor is None, source, "model.moe_capacity_factor",
+             "drops tokens by how samples are grouped, so a reference's log-probs would depend on its micro-batches "
+             "(step-1 weights not 1); use dropless routing (null) with a reference")
     if r.mode == "none":
         _require(not LOSSES[c.loss.name].needs_reference, source, "reference.mode",
                  f"loss {c.loss.name} needs a reference (colocated or cache)")
@@ -494,7 +589,7 @@ def _validate_checkpoint_and_run(c: TrainConfig, source: str) -> None:
     _require(ck.save is None or not os.path.isfile(ck.save), source, "checkpoint.save", f"{ck.save} is a file")
 
 
-SECTION_CHECKS = (_validate_model, _validate_parallel, _validate_precision_and_loss, _validate_optimizer,
+SECTION_CHECKS = (_validate_model, _validate_parallel, _validate_moe, _validate_precision_and_loss, _validate_optimizer,
                   _validate_data, _validate_reference, _validate_checkpoint_and_run)
 """validate() runs these in order; each raises ConfigError naming the first key that is wrong."""
 
@@ -513,7 +608,7 @@ def _validate_layout(c: TrainConfig, source: str, world_size: int) -> None:
 
     p, d = c.parallel, c.data
     try:
-        check_layout(world_size, p.tp, p.pp, p.cp)
+        check_layout(world_size, p.tp, p.pp, p.cp, p.ep, p.etp or p.tp)
     except LayoutError as err:
         raise ConfigError(f"{source}: parallel: {err}")
     dp = world_size // (p.tp * p.pp * p.cp)
@@ -537,6 +632,9 @@ def check_for_device(c: TrainConfig, source: str, device_type: str) -> None:
         if device_type != "cuda":
             _require(c.model.spec != "te", source, "model.spec", "te (Transformer Engine) needs a GPU; use local or auto")
         spec = transformer_engine.resolve_spec(c.model.spec, device_type)
+        _require(c.model.num_experts is None or spec == "local", source, "model.spec",
+                 f"{c.model.spec} resolves to te here: mixture-of-experts layers are tested on the local spec only "
+                 "(SequentialMLP; TE's grouped GEMM has had no GPU run yet); set model.spec: local")
         transformer_engine.check_context_parallel_and_packing(c.parallel.cp, c.data.packing, spec)
     except transformer_engine.TransformerEngineError as err:
         key, _, message = str(err).partition(": ")

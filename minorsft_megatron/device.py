@@ -8,7 +8,9 @@ CPU is asked for, `setup_device("cpu")` redirects exactly these, once per proces
   CPU; ``Tensor.cuda()`` returns the tensor;
 * the model-parallel RNG tracker: its CUDA generator states are backed by the CPU generator (and its warning
   that the CPU generator moved inside a fork is silenced: that is the generator it forks);
-* CUDA synchronisation: ``torch.cuda.synchronize()`` is a no-op.
+* CUDA synchronisation and streams: ``torch.cuda.synchronize()`` is a no-op, and every stream
+  (``current_stream()``, a new ``Stream()``, ``with torch.cuda.stream(s)``) is the one in-order CPU stream;
+* MoE host copies: the alltoall token dispatcher's split sizes become numpy arrays, as from a GPU.
 
 Everything else stays real megatron-core; no other module of this package mentions the CPU case.
 """
@@ -135,8 +137,33 @@ def _seed_cpu_generator(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+class _NoEvent:
+    """What a _NoStream records: already complete."""
+
+    def synchronize(self):
+        pass
+
+    def wait(self, *_args):
+        pass
+
+    def query(self):
+        return True
+
+
+_NO_EVENT = _NoEvent()
+
+
 class _NoStream:
-    """What torch.cuda.current_stream() answers on the CPU: one stream, in order, nothing to wait for."""
+    """What torch.cuda.current_stream() and torch.cuda.Stream() answer on the CPU: one stream, in order, nothing
+    to wait for (megatron-core's alltoall token dispatcher makes a side stream for its device-to-host copies).
+    A class, as torch.cuda.Stream is (annotations use it), whose every instance is the one stream."""
+
+    _the_stream = None
+
+    def __new__(cls, *_args, **_kwargs):
+        if cls._the_stream is None:
+            cls._the_stream = super().__new__(cls)
+        return cls._the_stream
 
     def wait_event(self, *_args):
         pass
@@ -145,7 +172,7 @@ class _NoStream:
         pass
 
     def record_event(self, *_args):
-        pass
+        return _NO_EVENT
 
     def synchronize(self):
         pass
@@ -192,6 +219,27 @@ def _wrap_type_name_checks() -> None:
             setattr(importlib.import_module(importer), function_name, wrapped)
 
 
+def _host_copy_on_cpu(move):
+    """megatron-core's maybe_move_tensor_to_cpu, for CPU tensors too: the alltoall dispatcher's split sizes come
+    back as numpy arrays (what torch.distributed's all_to_all_single accepts), as they do from a GPU."""
+    @functools.wraps(move)
+    def wrapped(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return move(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    return wrapped
+
+
+def _redirect_moe_host_copies() -> None:
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    dispatcher = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
+    wrapped = _host_copy_on_cpu(moe_utils.maybe_move_tensor_to_cpu)
+    moe_utils.maybe_move_tensor_to_cpu = wrapped
+    if hasattr(dispatcher, "maybe_move_tensor_to_cpu"):
+        dispatcher.maybe_move_tensor_to_cpu = wrapped
+
+
 def _redirect_megatron_to_cpu() -> None:
     global _redirected
     if _redirected:
@@ -202,6 +250,8 @@ def _redirect_megatron_to_cpu() -> None:
     torch.cuda.current_device = lambda: _CPU
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_stream = lambda *args, **kwargs: _NO_STREAM
+    torch.cuda.Stream = _NoStream
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     # RNG: the CUDA generator the tracker forks is the CPU generator.
     torch.cuda.get_rng_state = _cpu_rng_state
@@ -221,6 +271,7 @@ def _redirect_megatron_to_cpu() -> None:
         importlib.import_module(name).torch = torch_on_cpu
     # The optimizers and gradient clipping accept only tensors whose type name is a CUDA one.
     _wrap_type_name_checks()
+    _redirect_moe_host_copies()
     _redirected = True
 
 

@@ -29,7 +29,8 @@ def init_checkpoint(config_path: str, out: str, overrides: list[str], overwrite:
     paths.check_apart({"--out": out}, {"--config": config_path, "data.prefix": f"{cfg.data.prefix}.json"})
     device = setup_device(cfg.device)
     vocab = cfg.model.vocab_size or SFTDataset(cfg.data.prefix).meta["tokenizer"]["vocab_size"]
-    parallel.initialize(device, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.seed)
+    parallel.initialize(device, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.seed, ep=cfg.parallel.ep,
+                        etp=cfg.parallel.etp)
     if overwrite:
         parallel.on_rank_zero(lambda: shutil.rmtree(out, ignore_errors=True))
     model, _ = build_model(cfg, RolePrecision(cfg.precision.dtype), vocab, device, initialize=True)

@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from minorsft_megatron import transformer_engine
 
@@ -48,16 +49,40 @@ def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) ->
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def local_block_spec(config: TransformerConfig, qk_layernorm: bool = False, vp_stage=None):
-    """megatron-core's local GPT layer spec with `TorchNorm`, for this pipeline stage's layers."""
-    layer = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=config.normalization)
+def local_layer_spec(config: TransformerConfig, qk_layernorm: bool = False, moe: bool = False):
+    """megatron-core's local GPT layer spec with `TorchNorm`; `moe`: its MoELayer (router, SequentialMLP experts,
+    shared expert) instead of the dense MLP. An MoE layer's pre-MLP norm keeps its own checkpoint key, as on the
+    Transformer Engine spec (where no fused layer-norm + fc1 exists for it to be named after)."""
+    layer = get_gpt_layer_local_spec(num_experts=config.num_moe_experts if moe else None, moe_grouped_gemm=False,
+                                     qk_layernorm=qk_layernorm, normalization=config.normalization)
     layer.submodules.input_layernorm = TorchNorm
     layer.submodules.pre_mlp_layernorm = TorchNorm
+    if moe:
+        layer.submodules.sharded_state_dict_keys_map = {
+            k: v for k, v in layer.submodules.sharded_state_dict_keys_map.items() if k != "pre_mlp_layernorm."}
     if qk_layernorm:  # Qwen3's per-head norms: usable under sequence parallelism too
         layer.submodules.self_attention.submodules.q_layernorm = TorchNorm
         layer.submodules.self_attention.submodules.k_layernorm = TorchNorm
+    return layer
+
+
+def moe_layer_pattern(config: TransformerConfig) -> list[bool]:
+    """Per global layer, whether it is an MoE layer (megatron-core's moe_layer_freq: a 0/1 list or every N-th)."""
+    if config.num_moe_experts is None:
+        return [False] * config.num_layers
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [i % freq == 0 for i in range(config.num_layers)]
+    return [bool(x) for x in freq]
+
+
+def local_block_spec(config: TransformerConfig, qk_layernorm: bool = False, vp_stage=None):
+    """megatron-core's local GPT layer specs with `TorchNorm`, for this pipeline stage's layers."""
+    specs = {moe: local_layer_spec(config, qk_layernorm, moe) for moe in set(moe_layer_pattern(config))}
+    offset = get_transformer_layer_offset(config, vp_stage)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TorchNorm)
+    pattern = moe_layer_pattern(config)[offset:offset + num_layers]
+    return TransformerBlockSubmodules(layer_specs=[specs[moe] for moe in pattern], layer_norm=TorchNorm)
 
 
 def block_spec(config: TransformerConfig, spec: str = "local", qk_layernorm: bool = False, vp_stage=None):
@@ -161,7 +186,35 @@ def transformer_config(model_cfg, parallel_cfg, precision: transformer_engine.Ro
         fp8_recipe=precision.fp8_recipe,
         fp8_param=precision.fp8_param,
         **WEIGHTS[weights],
+        **moe_settings(model_cfg, parallel_cfg),
         calculate_per_token_loss=True,
+    )
+
+
+def moe_settings(model_cfg, parallel_cfg) -> dict:
+    """megatron-core's MoE settings for `model_cfg` (none for a dense model): dropless unless a capacity factor is
+    set, no input jitter, SequentialMLP experts (the local spec), EP/ETP from `parallel_cfg`."""
+    m, p = model_cfg, parallel_cfg
+    if m.num_experts is None:
+        return {}
+    return dict(
+        num_moe_experts=m.num_experts,
+        moe_layer_freq=list(m.moe_layers) if m.moe_layers is not None else 1,
+        moe_router_topk=m.moe_router_topk,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_ffn_hidden_size,
+        moe_shared_expert_gate=m.moe_shared_expert_gate,
+        moe_router_score_function=m.moe_router_score_function,
+        moe_router_pre_softmax=not m.moe_norm_topk_prob,  # softmax over all experts, then top-k: no renormalising
+        moe_router_load_balancing_type=m.moe_load_balancing,
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_z_loss_coeff=m.moe_z_loss_coeff or None,
+        moe_router_dtype="fp32" if m.moe_router_fp32 else None,
+        moe_expert_capacity_factor=m.moe_capacity_factor,
+        moe_token_dispatcher_type=p.moe_dispatcher,
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.etp or p.tp,
     )
 
 

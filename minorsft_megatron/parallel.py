@@ -18,10 +18,14 @@ class LayoutError(UserError):
     """A parallel layout the job's processes cannot form."""
 
 
-def check_layout(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1) -> None:
-    """Refuse a layout these `world_size` processes cannot form (callable before any process group exists)."""
+def check_layout(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, etp: int | None = None) -> None:
+    """Refuse a layout these `world_size` processes cannot form (callable before any process group exists).
+    megatron-core's two grids: tp*cp*dp*pp for attention and dense layers, etp*ep*edp*pp for the experts."""
+    etp = tp if etp is None else etp
     if min(tp, pp, cp) < 1 or world_size % (tp * pp * cp):
         raise LayoutError(f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
+    if min(ep, etp) < 1 or world_size % (etp * ep * pp):
+        raise LayoutError(f"world size {world_size} is not divisible by etp*ep*pp = {etp}*{ep}*{pp} (the experts' grid)")
 
 
 def initialize(
@@ -31,10 +35,14 @@ def initialize(
     cp: int = 1,
     seed: int = 1234,
     timeout_minutes: int = 10,
+    ep: int = 1,
+    etp: int | None = None,
 ) -> ProcessGroupCollection:
-    """Join the torchrun job (env:// rendezvous), build TP/PP/CP/DP groups and seed the RNG tracker.
+    """Join the torchrun job (env:// rendezvous), build TP/PP/CP/DP groups (and the experts' EP/ETP/expert-DP
+    groups) and seed the RNG tracker.
 
-    The data-parallel size is what is left: world_size / (tp * pp * cp).
+    The data-parallel size is what is left: world_size / (tp * pp * cp); the experts' data-parallel size
+    world_size / (etp * ep * pp). etp None: tp.
     """
     if not dist.is_initialized():
         dist.init_process_group(
@@ -42,11 +50,13 @@ def initialize(
             timeout=datetime.timedelta(minutes=timeout_minutes),
             device_id=device if device.type == "cuda" else None,
         )
-    check_layout(dist.get_world_size(), tp, pp, cp)
+    check_layout(dist.get_world_size(), tp, pp, cp, ep, etp)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
         distributed_timeout_minutes=timeout_minutes,
     )
     model_parallel_cuda_manual_seed(seed)

@@ -198,7 +198,8 @@ def setup(cfg: TrainConfig, source: str) -> Run:
     validate(cfg, source, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     check_for_device(cfg, source, device.type)
     dataset, vocab = open_dataset(cfg, source)
-    pgs = parallel.initialize(device, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.seed)
+    pgs = parallel.initialize(device, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.seed,
+                              ep=cfg.parallel.ep, etp=cfg.parallel.etp)
     save_dir = cfg.checkpoint.save or os.path.join(cfg.output_dir, "checkpoints")
     lock = parallel.on_rank_zero(lambda: prepare_outputs(cfg, save_dir))
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()

@@ -5,14 +5,25 @@ from __future__ import annotations
 import torch
 
 FAMILIES = ("llama", "llama31", "qwen2", "qwen3", "mistral")
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256)
 
 
 def hf_config(family: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+                              Qwen3MoeConfig)
 
     return {
+        # 4 experts, the first layer dense (mlp_only_layers), top-k renormalised
+        "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, **MOE, num_experts=4, head_dim=24, norm_topk_prob=True,
+                                            mlp_only_layers=[0]),
+        # 8 experts beside a gated shared expert, top-k not renormalised
+        "qwen2_moe": lambda: Qwen2MoeConfig(**COMMON, **MOE, num_experts=8, shared_expert_intermediate_size=48,
+                                            norm_topk_prob=False),
+        "mixtral": lambda: MixtralConfig(**dict(COMMON, intermediate_size=32), num_local_experts=4,
+                                         num_experts_per_tok=2, sliding_window=None),
         "llama": lambda: LlamaConfig(**COMMON),
         "llama31": lambda: LlamaConfig(**COMMON, tie_word_embeddings=True, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -48,8 +59,9 @@ def hf_token_log_probs(path: str, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def megatron_token_log_probs(ckpt: str, layouts, tokens: torch.Tensor, save_tp2_to: str | None = None) -> dict:
-    """Per-token log-probs `[b, s]` of the checkpoint at each (tp, pp) layout, through megatron-core's schedule
-    (on the last pipeline stage; other ranks return nothing). Optionally re-saves it from the TP = 2 layout."""
+    """Per-token log-probs `[b, s]` of the checkpoint at each (tp, pp) or (tp, pp, ep, etp) layout, through
+    megatron-core's schedule (on the last pipeline stage; other ranks return nothing). Optionally re-saves it from
+    the TP = 2 layout (`save_tp2_to` a path), or from each layout a dict {layout: path} names."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -65,10 +77,11 @@ def megatron_token_log_probs(ckpt: str, layouts, tokens: torch.Tensor, save_tp2_
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     b, s = inputs.shape
     out = {}
-    for tp, pp in layouts:
-        pgs = parallel.initialize(device, tp=tp, pp=pp)
+    for layout in layouts:
+        tp, pp, ep, etp = (layout + (1, None))[:4] if len(layout) == 2 else layout
+        pgs = parallel.initialize(device, tp=tp, pp=pp, ep=ep, etp=etp)
         cfg = from_dict(TrainConfig, state["config"], ckpt)
-        cfg.parallel = ParallelConfig(tp=tp, pp=pp)
+        cfg.parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp, sp=tp > 1 and ep * (etp or tp) > 1)
         model, _ = build_model(cfg, RolePrecision("fp32"), state["vocab_size"], device, initialize=False)
         checkpoint.load(ckpt, model)
         model.eval()
@@ -89,9 +102,10 @@ def megatron_token_log_probs(ckpt: str, layouts, tokens: torch.Tensor, save_tp2_
                 seq_length=s, micro_batch_size=b, forward_only=True,
             )
         if parallel_state.is_pipeline_last_stage():
-            out[(tp, pp)] = result[0]["logp"].double()
-        if save_tp2_to and tp == 2:
-            checkpoint.save(save_tp2_to, 0, model, None, state)
+            out[layout] = result[0]["logp"].double()
+        if (layout in save_tp2_to) if isinstance(save_tp2_to, dict) else (save_tp2_to and layout == (2, 1)):
+            path = save_tp2_to[layout] if isinstance(save_tp2_to, dict) else save_tp2_to
+            checkpoint.save(path, 0, model, None, state)
         torch.distributed.barrier()
         parallel_state.destroy_model_parallel()
         torch.distributed.barrier()

@@ -85,7 +85,8 @@ def test_round_trip_is_bit_identical(converted, family):
 
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "llama31": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 
 def config_dict(family):
@@ -102,7 +103,10 @@ def test_model_configs_map_each_family():
 
 @pytest.mark.parametrize("change,message", [
     ({"architectures": ["GPT2LMHeadModel"]}, "architecture GPT2LMHeadModel is not supported; supported: "
-                                             "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
+                                             "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM"),
+    ({"architectures": ["DeepseekV3ForCausalLM"]}, "architecture DeepseekV3ForCausalLM is not supported: multi-head "
+                                                   "latent attention"),
+    ({"architectures": ["GptOssForCausalLM"]}, "architecture GptOssForCausalLM is not supported: attention sinks"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn' cannot be mapped exactly"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 4.0,
                        "original_max_position_embeddings": 8192}}, "low_freq_factor=2.0 cannot be mapped exactly"),
@@ -127,7 +131,8 @@ def test_command_line_refusal_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: architecture FalconForCausalLM is not supported; supported: LlamaForCausalLM, "
-        "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"]
+        "MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM, "
+        "Qwen3MoeForCausalLM"]
     assert not (tmp_path / "out").exists()
 
 
