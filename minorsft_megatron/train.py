@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from minorsft_megatron import checkpoint, parallel, paths, transformer_engine
+from minorsft_megatron import checkpoint, moe, parallel, paths, transformer_engine
 from minorsft_megatron.cli import ArgumentParser, run_main
 from minorsft_megatron.errors import UserError
 from minorsft_megatron.config import (
@@ -106,6 +106,7 @@ def build_policy(cfg: TrainConfig, vocab: int, device, total_steps: int) -> Poli
     model, config = build_model(cfg, transformer_engine.role_precision(cfg, "policy"), vocab, device,
                                 initialize=cfg.checkpoint.init is None)
     config.finalize_model_grads_func = finalize_model_grads
+    moe.attach_unscaled(model)  # their backward scale is set per step (moe.py)
     o = cfg.optimizer
     ddp = DistributedDataParallel(config, ddp_config(cfg, device), model)
     if ddp.ddp_config.overlap_grad_reduce:  # as Megatron-LM wires it: no reduce before the last micro-batch
@@ -402,7 +403,10 @@ def train_step(run: Run, micro_batches) -> dict:
         run.reference.attach(micro_batches)
     policy.ddp.zero_grad_buffer()
     policy.optimizer.zero_grad()
-    stats = forward_backward([policy.ddp], micro_batches, run.loss_fn, d.seq_length, d.micro_batch_size)
+    aux_scale = moe.step_scale(micro_batches, run.loss_fn.spec.denominator, run.pgs.dp) \
+        if moe.has_auxiliary_losses(run.cfg.model) else None
+    with moe.auxiliary_loss_scale(aux_scale):
+        stats = forward_backward([policy.ddp], micro_batches, run.loss_fn, d.seq_length, d.micro_batch_size)
     lr = policy.optimizer.param_groups[0]["lr"]  # the rate this step applies
     fp16 = run.cfg.precision.dtype == "fp16"
     loss_scale = policy.optimizer.get_loss_scale().clone() if fp16 else None  # the scale this backward used
