@@ -379,12 +379,20 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
     return config
 
 
+TRAINING_MODEL_KEYS = {"moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_load_balancing", "moe_capacity_factor",
+                       "moe_router_fp32"}
+"""Model keys that are how a run trains, not what the model is: a config may set them beside checkpoint.init."""
+
+
 def adopt_model_config(c: TrainConfig, saved_model: dict, explicit_keys: set[str], source: str,
                        checkpoint_path: str) -> None:
     """Take the model architecture from a starting checkpoint. `explicit_keys`, the model keys the config set
-    itself, must agree with it (model.spec excepted: local or te is a choice of implementation, not of model)."""
+    itself, must agree with it (model.spec excepted: local or te is a choice of implementation, not of model; and
+    TRAINING_MODEL_KEYS, which the config's values override)."""
     saved = from_dict(ModelConfig, saved_model, f"{checkpoint_path} (saved config)")
-    for key in sorted(explicit_keys - {"spec"}):
+    for key in sorted(explicit_keys & TRAINING_MODEL_KEYS):
+        setattr(saved, key, getattr(c.model, key))
+    for key in sorted(explicit_keys - {"spec"} - TRAINING_MODEL_KEYS):
         mine, theirs = getattr(c.model, key), getattr(saved, key)
         _require(mine == theirs, source, f"model.{key}",
                  f"{mine!r} here but {theirs!r} in checkpoint.init {checkpoint_path}; leave it out to use the checkpoint's")

@@ -240,7 +240,8 @@ def prepare_outputs(cfg: TrainConfig, save_dir: str) -> paths.DirectoryLock:
 
 
 def layout(cfg: TrainConfig) -> dict:
-    return {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "cp": cfg.parallel.cp, "world": dist.get_world_size()}
+    p = cfg.parallel
+    return {"tp": p.tp, "pp": p.pp, "cp": p.cp, "ep": p.ep, "etp": p.etp or p.tp, "world": dist.get_world_size()}
 
 
 def resume_path(cfg: TrainConfig, save_dir: str) -> str | None:
@@ -271,11 +272,20 @@ def check_resumed_optimizer(cfg: TrainConfig, state: dict, path: str) -> None:
             f"{path}: was saved with optimizer.distributed {saved is not None}, this run has "
             f"{cfg.optimizer.distributed}: resume with the optimizer it was saved with")
     before, now = state.get("layout") or {}, vars(cfg.parallel)
-    if saved == "dp_reshardable" and any(before.get(k) != now[k] for k in ("tp", "pp", "cp")):
+    now = dict(now, etp=now["etp"] or now["tp"])
+    if (before.get("ep", 1) > 1) != (now["ep"] > 1):
         raise checkpoint.CheckpointError(
-            f"{path}: its distributed-optimizer state (dp_reshardable) was saved at tp={before.get('tp')} "
-            f"pp={before.get('pp')} cp={before.get('cp')} and loads only there (this run: tp={now['tp']} "
-            f"pp={now['pp']} cp={now['cp']}); save with checkpoint.optimizer_sharding: fully_reshardable to change them")
+            f"{path}: saved at ep={before.get('ep', 1)}, this run has ep={now['ep']}: megatron-core keeps the experts' "
+            "optimizer state apart only under expert parallelism, so its optimizer state loads only on the same "
+            f"side of ep=1; start a new run from its weights with checkpoint.init: {path}")
+    keys = ("tp", "pp", "cp", "ep", "etp")
+    before = dict({"ep": 1, "etp": before.get("tp")}, **before)  # saved before expert parallelism existed here
+    if saved == "dp_reshardable" and any(before.get(k) != now[k] for k in keys):
+        raise checkpoint.CheckpointError(
+            f"{path}: its distributed-optimizer state (dp_reshardable) was saved at "
+            + " ".join(f"{k}={before.get(k)}" for k in keys) + " and loads only there (this run: "
+            + " ".join(f"{k}={now[k]}" for k in keys)
+            + "); save with checkpoint.optimizer_sharding: fully_reshardable to change them")
 
 
 def _setting(config: dict, key: str):

@@ -34,12 +34,14 @@ def hf_config(family: str):
     }[family]()
 
 
-def make_hf_model(family: str, path: str) -> str:
+def make_hf_model(family: str, path: str, vocab_size: int | None = None) -> str:
     """A tiny random model of `family` saved with save_pretrained (fp32 safetensors)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf_config(family), dtype=torch.float32)
+    config = hf_config(family)
+    config.vocab_size = vocab_size or config.vocab_size
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # weights big enough that every path matters, norms away from 1
         for name, param in model.named_parameters():
             param.normal_(0, 0.2) if param.dim() > 1 else param.uniform_(0.5, 1.5)

@@ -124,7 +124,7 @@ def test_resume_refuses_an_optimizer_state_it_cannot_load(tmp_path):
     cfg.optimizer.distributed, cfg.parallel.tp = True, 2
     saved = {"optimizer_sharding": "dp_reshardable", "layout": {"tp": 1, "pp": 1, "cp": 1, "world": 2}}
     with pytest.raises(CheckpointError, match=r"^CKPT: its distributed-optimizer state \(dp_reshardable\) was "
-                                              r"saved at tp=1 pp=1 cp=1 and loads only there \(this run: tp=2 "):
+                                              r"saved at tp=1 pp=1 cp=1 ep=1 etp=1 and loads only there \(this run: tp=2 "):
         check_resumed_optimizer(cfg, saved, "CKPT")
     with pytest.raises(CheckpointError, match="^CKPT: was saved with optimizer.distributed False, this run has True"):
         check_resumed_optimizer(cfg, dict(saved, optimizer_sharding=None), "CKPT")

@@ -68,3 +68,40 @@ def test_model_configs_map_each_moe_family():
     assert qwen2.moe_shared_expert_ffn_hidden_size == 48 and qwen2.moe_shared_expert_gate
     assert not qwen2.moe_norm_topk_prob and qwen2.add_qkv_bias and qwen2.moe_layers is None
     assert mixtral.num_experts == 4 and mixtral.moe_ffn_hidden_size == 32 and mixtral.moe_norm_topk_prob
+
+
+MOE_MODEL = {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
+             "num_query_groups": 2, "max_position_embeddings": 128, "num_experts": 4, "spec": "local"}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.moe_capacity_factor=1.0", "model.moe_capacity_factor: drops tokens by how samples are grouped"),
+    ("parallel.ep=3", "parallel.ep: must divide num_experts 4"),
+    ("model.moe_router_topk=5", "model.moe_router_topk: must be between 1 and num_experts 4"),
+    ("model.moe_load_balancing=global_aux_loss", "model.moe_load_balancing: the global-batch load-balancing loss"),
+    ("model.moe_layers=[1,0,1]", "model.moe_layers: must list 0 (dense) or 1 (MoE) for each of the 2 layers"),
+    ("model.moe_shared_expert_gate=true", "model.moe_shared_expert_gate: needs model.moe_shared_expert_ffn_hidden_size"),
+    ("model.num_experts=null", "parallel.ep: needs a mixture-of-experts model"),
+])
+def test_what_an_moe_config_cannot_run_is_refused_in_one_line(tmp_path, data_prefix, override, message):
+    from minorsft_megatron.config import ConfigError, load_config
+    from tests.train_workers import tiny_config
+
+    config = tiny_config(tmp_path, data_prefix, model=MOE_MODEL, parallel={"ep": 2})
+    load_config(config)  # the config itself is fine
+    with pytest.raises(ConfigError) as err:
+        load_config(config, [override])
+    assert message in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_the_te_spec_is_refused_for_moe_before_any_work(tmp_path, data_prefix, monkeypatch):
+    """Where `auto` resolves to Transformer Engine (a GPU with TE), MoE layers are refused on it (untested)."""
+    from minorsft_megatron import transformer_engine
+    from minorsft_megatron.config import ConfigError, Source, check_for_device, load_config
+    from tests.train_workers import tiny_config
+
+    monkeypatch.setattr(transformer_engine, "resolve_spec", lambda spec, device_type: "te")
+    monkeypatch.setattr(transformer_engine, "check_fp8", lambda *args, **kwargs: None)
+    config = tiny_config(tmp_path, data_prefix, model=dict(MOE_MODEL, spec="auto"))
+    with pytest.raises(ConfigError, match="model.spec: auto resolves to te here"):
+        check_for_device(load_config(config), Source(config), "cuda")

@@ -140,12 +140,26 @@ def test_exponent_without_a_dot_is_a_float(tmp_path, data_prefix):
         load_config(config, ["model.hidden_size=1e2"])
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "qwen2_7b_minor_sft.yaml", "llama3_8b_minor_sft.yaml"])
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "qwen2_7b_minor_sft.yaml", "llama3_8b_minor_sft.yaml",
+                                  "tiny_moe_cpu.yaml", "qwen3_30b_a3b_minor_sft.yaml"])
 def test_example_configs_are_valid(data_prefix, name):
     """Every key of the bundled configs exists and has the right type (their data and checkpoints are replaced)."""
     overrides = [f"data.prefix={data_prefix}", "checkpoint.init=null"]
     config = load_config(os.path.join(REPO, "examples", name), overrides)
     assert config.loss.beta == 0.04 and config.optimizer.warmup_ratio == 0.1 and config.optimizer.decay == "linear"
+
+
+def test_qwen3_moe_config_checks_its_layout(data_prefix):
+    """One node of 8 GPUs at EP 8 forms the layout; 6 processes do not (one line, exit 2)."""
+    run = lambda n: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "minorsft_megatron.config", "--config", os.path.join(REPO, "examples",
+         "qwen3_30b_a3b_minor_sft.yaml"), "--world-size", str(n), f"data.prefix={data_prefix}", "checkpoint.init=null",
+         "device=cpu"], capture_output=True, text=True, cwd=REPO)
+    assert run(8).returncode == 0, run(8).stderr
+    bad = run(12)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: " + os.path.join(REPO, "examples", "qwen3_30b_a3b_minor_sft.yaml") + ": parallel: world size 12 is "
+        "not divisible by etp*ep*pp = 1*8*1 (the experts' grid)"]
 
 
 def test_launchers(tmp_path, data_prefix):
