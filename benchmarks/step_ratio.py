@@ -5,6 +5,8 @@ over sft, on the same config, measured in one run, in each of `--precisions`.
     python benchmarks/step_ratio.py [--config examples/tiny_cpu.yaml] [--nproc 2] [--steps 30] [--repeats 3]
                                     [--precisions bf16 fp32]
 
+(`--config examples/tiny_moe_cpu.yaml`: the same for a mixture-of-experts model at EP = 2.)
+
 For each precision (the policy's and the reference's dtype; the cache is scored in it too), runs in turn `sft`
 with no reference, `minor_sft` with the co-located reference, and `minor_sft` with a reference cache (written
 first by the score tool from the same starting checkpoint), `--repeats` times in alternation, all through

@@ -38,6 +38,11 @@ handing its queue to megatron-core's global before its function looks.
 megatron-core's MoE router GEMM (`RouterGatingLinearFunction` in moe/moe_utils.py, 0.16 and 0.19) tests
 `te_general_gemm is not None`, but that name is bound only when Transformer Engine imports: without TE the router
 raises NameError. -> bind it to None there, so the router takes its torch branch (`torch.mm` in the router dtype).
+
+megatron-core's routers record their auxiliary losses per layer (the loss over its coefficient, summed over the
+micro-batches of a step) in a layer-wise tracker (0.16: the dict of `get_moe_layer_wise_logging_tracker()`; 0.19:
+`moe_logging.get_moe_metrics_tracker()`, the 0.16 names deprecated): `moe_tracked_losses` and `clear_moe_tracked_losses`
+read and clear either.
 """
 
 from __future__ import annotations
@@ -212,6 +217,32 @@ def _router_gemm_without_te() -> None:
     moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def _moe_metrics_tracker():
+    """0.19's tracker object, or None on 0.16."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        return None
+    return get_moe_metrics_tracker()
+
+
+def moe_tracked_losses() -> dict[str, torch.Tensor]:
+    """{name: [num_layers] values} of megatron-core's per-layer auxiliary-loss record since it was last cleared
+    (names `load_balancing_loss`, `z_loss`; values indexed by global layer number - 1; only what this rank's routers
+    recorded)."""
+    tracker = _moe_metrics_tracker()
+    if tracker is not None:
+        return {name: entry.values for name, entry in tracker.metrics.items()}
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    return {name: entry["values"] for name, entry in get_moe_layer_wise_logging_tracker().items()}
+
+
+def clear_moe_tracked_losses() -> None:
+    for values in moe_tracked_losses().values():
+        values.zero_()
 
 
 def apply() -> None:

@@ -230,6 +230,9 @@ class LoggingConfig:
     tensorboard: bool = True
     progress_bar: bool | None = None
     """None: when stdout is a terminal."""
+    moe_per_layer: bool = False
+    """MoE: also log each MoE layer's auxiliary losses and expert load (as Megatron-LM's --moe-per-layer-logging);
+    their means over layers (and the worst layer's load) are always logged."""
 
 
 @dataclass

@@ -11,7 +11,8 @@ import sys
 
 CONSOLE_KEYS = (
     ("loss", "loss", "{:.4f}"), ("m_theta", "m_theta", "{:+.4f}"), ("weight_mean", "w_mean", "{:.4f}"),
-    ("weight_min", "w_min", "{:.4f}"), ("grad_norm", "grad_norm", "{:.3f}"), ("loss_scale", "loss_scale", "{:.1f}"),
+    ("weight_min", "w_min", "{:.4f}"), ("moe_load_balancing_loss", "lb_loss", "{:.4f}"), ("moe_z_loss", "z_loss", "{:.3f}"),
+    ("moe_max_load", "max_load", "{:.2f}"), ("grad_norm", "grad_norm", "{:.3f}"), ("loss_scale", "loss_scale", "{:.1f}"),
 )
 
 

@@ -37,7 +37,7 @@ from minorsft_megatron.data.dataset import BatchSettings, SFTBatches, SFTDataset
 from minorsft_megatron.device import peak_memory_gib, setup_device
 from minorsft_megatron.forward_step import LogProbCollector, SFTLossFunction, forward_backward, reduce_step_metrics
 from minorsft_megatron.metrics_log import MetricsLog
-from minorsft_megatron.model import build_model, output_log_probs, unwrap
+from minorsft_megatron.model import build_model, moe_layer_pattern, output_log_probs, unwrap
 from minorsft_megatron.reference import CachedReference, ColocatedReference
 
 
@@ -94,6 +94,8 @@ class Run:
     """On the logging rank only."""
     lock: object = None
     """Rank 0's lock on the run directory (paths.DirectoryLock), held until the process ends."""
+    routing: moe.RoutingStatistics | None = None
+    """An MoE policy's routing figures for the log; None for a dense model."""
 
 
 # ---- building ---------------------------------------------------------------------------------------------------
@@ -158,6 +160,13 @@ def build_reference(cfg: TrainConfig, policy: Policy, vocab: int, device, pgs, d
                               offload=cfg.reference.offload, merge=merge)
 
 
+def routing_statistics(cfg: TrainConfig, policy: Policy) -> moe.RoutingStatistics | None:
+    if cfg.model.num_experts is None:
+        return None
+    return moe.RoutingStatistics(policy.model, moe_layer_pattern(unwrap(policy.model).config), cfg.model.num_experts,
+                                 moe.tracked_losses(cfg.model), cfg.logging.moe_per_layer)
+
+
 def open_dataset(cfg: TrainConfig, source: str) -> tuple[SFTDataset, int]:
     """The training data and the model's vocabulary (the config's, else the tokenizer's)."""
     dataset = SFTDataset(cfg.data.prefix)
@@ -214,7 +223,8 @@ def setup(cfg: TrainConfig, source: str) -> Run:
               reference=build_reference(cfg, policy, vocab, device, pgs, dataset, start_id),
               loss_fn=SFTLossFunction(cfg.loss.name, cfg.loss.beta, cp_group=pgs.cp, log_probs=output_log_probs(
                   policy.model, cfg.loss.logprob_chunk_size, vocab, pgs.tp, cfg.parallel.sp)),
-              save_dir=save_dir, start_id=start_id, hf_origin=hf_origin, lock=lock)
+              save_dir=save_dir, start_id=start_id, hf_origin=hf_origin, lock=lock,
+              routing=routing_statistics(cfg, policy))
     resumed_from = resume(run)
     run.batches = SFTBatches(dataset, settings, dp_rank, dp_size, consumed_samples=run.consumed)
     if parallel.is_logging_rank():
@@ -413,6 +423,8 @@ def train_step(run: Run, micro_batches) -> dict:
         run.reference.attach(micro_batches)
     policy.ddp.zero_grad_buffer()
     policy.optimizer.zero_grad()
+    if run.routing is not None:
+        run.routing.start_step()
     aux_scale = moe.step_scale(micro_batches, run.loss_fn.spec.denominator, run.pgs.dp) \
         if moe.has_auxiliary_losses(run.cfg.model) else None
     with moe.auxiliary_loss_scale(aux_scale):
@@ -427,6 +439,9 @@ def train_step(run: Run, micro_batches) -> dict:
     metrics = {}
     if parallel_state.is_pipeline_last_stage():
         metrics = reduce_step_metrics(stats, run.pgs.dp_cp, has_reference=run.reference is not None)
+    if run.routing is not None:  # every rank
+        p = run.cfg.parallel
+        metrics.update(run.routing.reduce(len(micro_batches), dist.group.WORLD, p.tp, p.cp, run.pgs.dp.size(), p.sp))
     record = log_step(run, lr, metrics, grad_norm, tokens, step_start, loss_scale, updated)
     check_finite(run, metrics, grad_norm)
     return record

@@ -14,7 +14,9 @@ def answer_mask(tokens: torch.Tensor, prompt_lengths) -> torch.Tensor:
 
 def step_gradients(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, micro_batch_size, loss, coeffs, out):
     """Gradients of one step of `loss` on `tokens` (rows split over the data-parallel ranks, then into
-    micro-batches of `micro_batch_size`), with `coeffs` = (aux, z) on the routers; saved to `out`."""
+    micro-batches of `micro_batch_size`), with `coeffs` = (aux, z) on the routers; saved to `out`, and the step's
+    routing figures (moe.RoutingStatistics, per layer) to `out`.routing.pt."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
@@ -23,7 +25,7 @@ def step_gradients(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, micro_bat
     from minorsft_megatron.data.batch import SFTBatch
     from minorsft_megatron.device import setup_device
     from minorsft_megatron.forward_step import SFTLossFunction, forward_backward
-    from minorsft_megatron.model import build_model, output_log_probs
+    from minorsft_megatron.model import build_model, moe_layer_pattern, output_log_probs
     from minorsft_megatron.transformer_engine import RolePrecision
 
     tp, pp, ep = layout
@@ -47,8 +49,14 @@ def step_gradients(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, micro_bat
                         position_ids=torch.arange(s).repeat(len(i), 1), ref_logp_sum=ref_logp_sum[i].float())
                for i in rows.split(micro_batch_size)]
     scale = moe.step_scale(batches, loss_fn.spec.denominator, pgs.dp) if moe.has_auxiliary_losses(cfg.model) else None
+    routing = moe.RoutingStatistics(model, moe_layer_pattern(config), cfg.model.num_experts,
+                                    moe.tracked_losses(cfg.model), per_layer=True)
+    routing.start_step()
     with moe.auxiliary_loss_scale(scale):
         forward_backward([ddp], batches, loss_fn, s, micro_batch_size)
+    figures = routing.reduce(len(batches), dist.group.WORLD, tp, 1, dp, tp > 1)
+    if dist.get_rank() == 0:
+        torch.save({k: float(v) for k, v in figures.items()}, f"{out}.routing.pt")
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(param.main_grad)

@@ -2,7 +2,6 @@
 conversion at (TP, PP, EP, ETP) layouts, and Hugging Face tensors written back from checkpoints saved at EP = 2,
 with ETP and at PP = 2 equal to the originals."""
 
-import os
 import subprocess
 import sys
 

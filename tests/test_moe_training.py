@@ -52,6 +52,7 @@ def test_bf16_distributed_optimizer_at_ep2_resumes_bitwise_and_at_ep1(tmp_path, 
     rows = metrics(straight)
     assert rows[0]["weight_min"] == rows[0]["weight_max"] == 1.0 and rows[0]["m_theta"] == 0.0
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[1]["m_theta"] != 0.0
+    assert all(r["moe_max_load"] >= 1.0 and r["moe_load_balancing_loss"] > 0 and r["moe_z_loss"] > 0 for r in rows)
     saved_at_ep2 = str(halves / "checkpoints" / "iter_0000002")
     shutil.copytree(saved_at_ep2, tmp_path / "kept")
     spawn(2, run_commands, [("train", args(config, init, halves)),

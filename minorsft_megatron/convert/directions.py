@@ -27,6 +27,7 @@ from minorsft_megatron.convert.io import (
 )
 from minorsft_megatron.convert.tensors import (
     _index_hf_names,
+    _index_megatron_keys,
     family_for_model,
     family_of,
     hf_from_megatron,
@@ -65,11 +66,12 @@ def write_megatron(out: str, hf_dir: str, hf_config: dict, model_cfg, reader, dt
     staging = Staging(os.path.join(out, ".staging"))
     padded = checkpoint_vocab_size(model_cfg.vocab_size)
     todo = [k for k, v in sharded.items() if getattr(v, "data", None) is not None]
+    index = _index_megatron_keys(family, model_cfg)
     try:
         for n, key in enumerate(todo, start=1):
             entry = sharded[key]
             tensor = megatron_from_hf(key, lambda name: reader.get(name).to(TORCH_DTYPES[dtype]), model_cfg, padded,
-                                      family)
+                                      family, index)
             if tuple(tensor.shape) != tuple(entry.data.shape):
                 raise ConversionError(f"{key}: converted shape {tuple(tensor.shape)}, the model expects "
                                       f"{tuple(entry.data.shape)}")

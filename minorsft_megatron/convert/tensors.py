@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from minorsft_megatron.convert.family import FAMILIES, REFUSED, ConversionError, Rule, interleave_qkv, split_qkv
+from minorsft_megatron.convert.family import FAMILIES, REFUSED, ConversionError, interleave_qkv, split_qkv
 from minorsft_megatron.convert.families import load_all
 
 load_all()
@@ -74,20 +74,21 @@ def hf_names(m, family=None) -> list[str]:
     return [_hf_name(layer, name) for layer, rule in _all_rules(family, m) for name in rule.hf]
 
 
-def _rule_for_megatron(family, m, local_key: str) -> tuple[int | None, Rule]:
-    layer, name = _layer_key(local_key)
-    rules = family.top_rules(m)[0] + family.top_rules(m)[1] if layer is None else family.layer_rules(m, layer)
-    for rule in rules:
-        if rule.megatron == name:
-            return layer, rule
-    raise ConversionError(f"no Hugging Face source for megatron tensor {local_key}")
+def _index_megatron_keys(family, m) -> dict:
+    """{megatron key at TP = PP = EP = 1: (layer or None, rule)} of every tensor."""
+    return {rule.megatron if layer is None else f"decoder.layers.{layer}.{rule.megatron}": (layer, rule)
+            for layer, rule in _all_rules(family, m)}
 
 
-def megatron_from_hf(local_key: str, get, m, padded_vocab: int, family=None) -> torch.Tensor:
+def megatron_from_hf(local_key: str, get, m, padded_vocab: int, family=None,
+                     index: dict | None = None) -> torch.Tensor:
     """The megatron tensor `local_key` (a key of GPTModel.state_dict() at TP = PP = EP = 1) from HF tensors
-    `get(name)`."""
-    family = family or family_for_model(m)
-    layer, rule = _rule_for_megatron(family, m, local_key)
+    `get(name)`. `index`: the family's keys (from _index_megatron_keys), to look up many keys without rebuilding
+    it."""
+    index = index if index is not None else _index_megatron_keys(family or family_for_model(m), m)
+    if local_key not in index:
+        raise ConversionError(f"no Hugging Face source for megatron tensor {local_key}")
+    layer, rule = index[local_key]
     parts = [get(_hf_name(layer, name)) for name in rule.hf]
     if rule.kind == "copy":
         return parts[0]
