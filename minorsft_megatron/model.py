@@ -247,9 +247,26 @@ def build_model(cfg, precision: transformer_engine.RolePrecision, vocab: int, de
     torch.manual_seed(cfg.seed)  # the full weights are drawn on the CPU from this seed, then split over TP
     model = gpt_from_config(model_cfg, config, checkpoint_vocab_size(vocab),
                             parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
+    mark_expert_parameters(model)
     if precision.dtype != "fp32":
         model = Float16Module(config, model)
     return model.to(device), config
+
+
+def mark_expert_parameters(model) -> None:
+    """Make every routed expert's weights expert-parallel parameters (`allreduce = False`) at EP = 1 too.
+
+    megatron-core marks them so only under EP > 1 (`is_expert and expert_parallel` in its parallel linears); at
+    EP = 1 DDP and the optimizer then treat them as dense weights, reduced over the dense data-parallel group.
+    With ETP != TP that is wrong: an expert not split over TP is replicated over the TP ranks, each of which routes
+    its own sequence-parallel tokens, and its gradient must be summed over the expert-data-parallel group (which
+    holds those ranks), not the dense one. Marked always, the experts are reduced over their expert-data-parallel
+    group (at EP = 1 and ETP = TP the same ranks as the dense group) and keep their own optimizer at every EP, so
+    the distributed optimizer's checkpoint has one structure (a dense and an expert optimizer) whatever the EP."""
+    for module in model.modules():
+        if getattr(module, "is_expert", False):
+            for param in module.parameters(recurse=False):
+                param.allreduce = False
 
 
 def unwrap(model):

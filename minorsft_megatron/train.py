@@ -250,8 +250,11 @@ def prepare_outputs(cfg: TrainConfig, save_dir: str) -> paths.DirectoryLock:
 
 
 def layout(cfg: TrainConfig) -> dict:
+    """What a checkpoint records of the layout (an MoE model's: that its experts have their own optimizer at every
+    EP, model.mark_expert_parameters)."""
     p = cfg.parallel
-    return {"tp": p.tp, "pp": p.pp, "cp": p.cp, "ep": p.ep, "etp": p.etp or p.tp, "world": dist.get_world_size()}
+    saved = {"tp": p.tp, "pp": p.pp, "cp": p.cp, "ep": p.ep, "etp": p.etp or p.tp, "world": dist.get_world_size()}
+    return saved if cfg.model.num_experts is None else dict(saved, expert_optimizer=True)
 
 
 def resume_path(cfg: TrainConfig, save_dir: str) -> str | None:
@@ -283,11 +286,10 @@ def check_resumed_optimizer(cfg: TrainConfig, state: dict, path: str) -> None:
             f"{cfg.optimizer.distributed}: resume with the optimizer it was saved with")
     before, now = state.get("layout") or {}, vars(cfg.parallel)
     now = dict(now, etp=now["etp"] or now["tp"])
-    if (before.get("ep", 1) > 1) != (now["ep"] > 1):
+    if cfg.model.num_experts is not None and before.get("ep", 1) == 1 and not before.get("expert_optimizer"):
         raise checkpoint.CheckpointError(
-            f"{path}: saved at ep={before.get('ep', 1)}, this run has ep={now['ep']}: megatron-core keeps the experts' "
-            "optimizer state apart only under expert parallelism, so its optimizer state loads only on the same "
-            f"side of ep=1; start a new run from its weights with checkpoint.init: {path}")
+            f"{path}: an MoE run saved at ep=1 by an earlier version, whose experts shared the dense optimizer; "
+            f"its optimizer state does not load here: start a new run from its weights with checkpoint.init: {path}")
     keys = ("tp", "pp", "cp", "ep", "etp")
     before = dict({"ep": 1, "etp": before.get("tp")}, **before)  # saved before expert parallelism existed here
     if saved == "dp_reshardable" and any(before.get(k) != now[k] for k in keys):

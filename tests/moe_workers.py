@@ -28,12 +28,12 @@ def step_gradients(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, micro_bat
     from minorsft_megatron.model import build_model, moe_layer_pattern, output_log_probs
     from minorsft_megatron.transformer_engine import RolePrecision
 
-    tp, pp, ep = layout
+    tp, pp, ep, etp = (*layout, None)[:4]
     device = setup_device("cpu")
-    pgs = parallel.initialize(device, tp=tp, pp=pp, ep=ep)
+    pgs = parallel.initialize(device, tp=tp, pp=pp, ep=ep, etp=etp)
     state = checkpoint.read_state(ckpt)
     cfg = from_dict(TrainConfig, state["config"], ckpt)
-    cfg.parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, sp=tp > 1)
+    cfg.parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp, sp=tp > 1)
     cfg.model.moe_aux_loss_coeff, cfg.model.moe_z_loss_coeff = coeffs
     model, config = build_model(cfg, RolePrecision("fp32"), state["vocab_size"], device, initialize=False)
     checkpoint.load(ckpt, model)

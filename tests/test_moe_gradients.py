@@ -121,7 +121,8 @@ def relative_error(got, want) -> float:
 
 @pytest.mark.parametrize("loss,layout,micro_batch_size", [
     ("minor_sft", (1, 1, 1), 2), ("minor_sft", (1, 1, 2), 1), ("sft", (1, 1, 2), 2), ("sft_seq", (1, 1, 1), 1),
-    ("sft_dpo", (1, 1, 2), 2), ("minor_sft", (2, 1, 1), 2), ("sft", (1, 2, 1), 1)])  # (tp, pp, ep); SP with tp 2
+    ("sft_dpo", (1, 1, 2), 2), ("minor_sft", (2, 1, 1), 2), ("sft", (1, 2, 1), 1),
+    ("minor_sft", (2, 1, 1, 1), 2)])  # (tp, pp, ep[, etp]); SP with tp 2
 def test_step_gradients_match_transformers(converted, tmp_path, loss, layout, micro_batch_size):
     tokens = torch.randint(0, 300, (ROWS, LENGTH), generator=torch.Generator().manual_seed(3))
     ref_logp_sum = -torch.linspace(20.0, 60.0, ROWS, dtype=torch.float64)  # weights far from 1

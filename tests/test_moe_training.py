@@ -1,7 +1,7 @@
 """Training a mixture-of-experts model end to end on CPU processes: from a converted Qwen3-MoE checkpoint, in
 bf16 with the distributed optimizer at EP = 2, a co-located MoE reference scoring merged micro-batches (step-1
-weights exactly 1, m_theta exactly 0), a bit-for-bit resume, and a checkpoint saved at EP = 2 starting an EP = 1
-run (its weights; its optimizer state does not load across ep=1, which is refused in one line)."""
+weights exactly 1, m_theta exactly 0), a bit-for-bit resume, and a checkpoint saved at EP = 2 resumed at EP = 1
+(weights and optimizer state: the next update is the EP = 2 run's) and starting a new EP = 1 run."""
 
 import shutil
 import subprocess
@@ -11,6 +11,7 @@ import pytest
 
 from tests.convert_workers import make_hf_model
 from tests.distributed import spawn
+from tests.test_convert import tensors
 from tests.train_workers import metrics, run_commands, tiny_config
 
 STEPS = 3
@@ -42,9 +43,23 @@ def args(config, init, out, *extra):
             "checkpoint.optimizer_sharding=fully_reshardable", *extra]
 
 
+def hf_weights(checkpoint_dir, out):
+    subprocess.run([sys.executable, "-c", "import sys; from minorsft_megatron.convert import megatron_to_hf; "
+                    "megatron_to_hf(sys.argv[1], sys.argv[2], dtype='fp32', log=lambda *_: None)",
+                    str(checkpoint_dir), str(out)], check=True, timeout=300)
+    return tensors(str(out))
+
+
+def update_difference(a: dict, b: dict, before: dict) -> float:
+    """How far two runs' last updates (a - before, b - before) are apart, relative to the update's size (mean
+    absolute values over every weight: bf16 weights round single elements by a whole unit)."""
+    gap = sum(float((a[n] - b[n]).abs().sum()) for n in a)
+    return gap / sum(float((a[n] - before[n]).abs().sum()) for n in a)
+
+
 def test_bf16_distributed_optimizer_at_ep2_resumes_bitwise_and_at_ep1(tmp_path, start):
     config, init = start
-    straight, halves, ep1 = tmp_path / "straight", tmp_path / "halves", tmp_path / "ep1"
+    straight, halves, ep1, fresh = tmp_path / "straight", tmp_path / "halves", tmp_path / "ep1", tmp_path / "fresh"
     spawn(2, run_commands, [
         ("train", args(config, init, straight)),
         ("train", args(config, init, halves, "stop_at_step=2")),
@@ -53,24 +68,35 @@ def test_bf16_distributed_optimizer_at_ep2_resumes_bitwise_and_at_ep1(tmp_path, 
     assert rows[0]["weight_min"] == rows[0]["weight_max"] == 1.0 and rows[0]["m_theta"] == 0.0
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[1]["m_theta"] != 0.0
     assert all(r["moe_max_load"] >= 1.0 and r["moe_load_balancing_loss"] > 0 and r["moe_z_loss"] > 0 for r in rows)
-    saved_at_ep2 = str(halves / "checkpoints" / "iter_0000002")
+    saved_at_ep2 = halves / "checkpoints" / "iter_0000002"
     shutil.copytree(saved_at_ep2, tmp_path / "kept")
+    shutil.copytree(halves, ep1, ignore=shutil.ignore_patterns("iter_0000003*"))
     spawn(2, run_commands, [("train", args(config, init, halves)),
-                            ("train", args(config, str(tmp_path / "kept"), ep1, "parallel.ep=1", "train_steps=1"))],
+                            ("train", args(config, init, ep1, "parallel.ep=1")),
+                            ("train", args(config, str(tmp_path / "kept"), fresh, "parallel.ep=1", "train_steps=1"))],
           out_dir=tmp_path / "resume", timeout=400)
     assert metrics(halves) == rows  # bit for bit
-    started = metrics(ep1)  # the EP = 2 weights at EP = 1, as policy and reference: weights exactly 1 again
+    resumed = metrics(ep1)  # the EP = 2 run's step 3 at EP = 1: the same weights, so about the same loss
+    assert resumed[:2] == rows[:2] and abs(resumed[2]["loss"] - rows[2]["loss"]) <= 1e-2 * rows[2]["loss"]
+    before = hf_weights(tmp_path / "kept", tmp_path / "hf_before")
+    at_ep2 = hf_weights(straight / "checkpoints" / "iter_0000003", tmp_path / "hf_ep2")
+    at_ep1 = hf_weights(ep1 / "checkpoints" / "iter_0000003", tmp_path / "hf_ep1")
+    fresh_optimizer = hf_weights(fresh / "checkpoints" / "iter_0000001", tmp_path / "hf_fresh")
+    # the step used the saved Adam moments (measured 1.4e-4; with a new optimizer, 0.92)
+    assert update_difference(at_ep1, at_ep2, before) <= 1e-2 < update_difference(fresh_optimizer, at_ep2, before)
+    started = metrics(fresh)  # the EP = 2 weights at EP = 1 in a new run, as policy and reference: weights 1 again
     assert started[0]["weight_min"] == started[0]["weight_max"] == 1.0 and started[0]["m_theta"] == 0.0
     assert started[0]["loss"] < rows[0]["loss"]  # trained weights, not the starting ones
 
 
-def test_resume_across_ep1_is_refused_in_one_line():
+def test_an_ep1_moe_checkpoint_of_an_earlier_version_is_refused_in_one_line():
     from minorsft_megatron.checkpoint import CheckpointError
     from minorsft_megatron.config import TrainConfig
     from minorsft_megatron.train import check_resumed_optimizer
 
     cfg = TrainConfig()
-    cfg.optimizer.distributed = True
-    saved = {"optimizer_sharding": "fully_reshardable", "layout": {"tp": 1, "pp": 1, "cp": 1, "ep": 2, "world": 2}}
-    with pytest.raises(CheckpointError, match=r"^CKPT: saved at ep=2, this run has ep=1: .*checkpoint.init: CKPT$"):
+    cfg.optimizer.distributed, cfg.model.num_experts, cfg.parallel.ep = True, 8, 2
+    saved = {"optimizer_sharding": "fully_reshardable", "layout": {"tp": 1, "pp": 1, "cp": 1, "ep": 1, "world": 2}}
+    with pytest.raises(CheckpointError, match=r"^CKPT: an MoE run saved at ep=1 by an earlier version.*: CKPT$"):
         check_resumed_optimizer(cfg, saved, "CKPT")
+    check_resumed_optimizer(cfg, dict(saved, layout=dict(saved["layout"], expert_optimizer=True)), "CKPT")
