@@ -61,7 +61,8 @@ def hf_token_log_probs(path: str, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def megatron_token_log_probs(ckpt: str, layouts, tokens: torch.Tensor, save_tp2_to: str | None = None) -> dict:
-    """Per-token log-probs `[b, s]` of the checkpoint at each (tp, pp) or (tp, pp, ep, etp) layout, through
+    """Per-token log-probs `[b, s]` of the checkpoint at each (tp, pp), (tp, pp, ep, etp) or (tp, pp, ep, etp,
+    MoE dispatcher) layout, through
     megatron-core's schedule (on the last pipeline stage; other ranks return nothing). Optionally re-saves it from
     the TP = 2 layout (`save_tp2_to` a path), or from each layout a dict {layout: path} names."""
     from megatron.core import parallel_state
@@ -80,10 +81,12 @@ def megatron_token_log_probs(ckpt: str, layouts, tokens: torch.Tensor, save_tp2_
     b, s = inputs.shape
     out = {}
     for layout in layouts:
-        tp, pp, ep, etp = (layout + (1, None))[:4] if len(layout) == 2 else layout
+        tp, pp, ep, etp, dispatcher = (*layout, 1, None, "alltoall")[:5] if len(layout) == 2 else \
+            (*layout, "alltoall")[:5]
         pgs = parallel.initialize(device, tp=tp, pp=pp, ep=ep, etp=etp)
         cfg = from_dict(TrainConfig, state["config"], ckpt)
-        cfg.parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp, sp=tp > 1 and ep * (etp or tp) > 1)
+        cfg.parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp, sp=tp > 1 and ep * (etp or tp) > 1,
+                                      moe_dispatcher=dispatcher)
         model, _ = build_model(cfg, RolePrecision("fp32"), state["vocab_size"], device, initialize=False)
         checkpoint.load(ckpt, model)
         model.eval()

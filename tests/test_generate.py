@@ -30,12 +30,13 @@ def test_prompt_is_the_training_sample_before_its_last_answer(name):
     assert prompt_ids(CONVERSATION, template, tok) == ids[: starts[-1]].tolist()
 
 
-def test_greedy_tokens_match_transformers(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_greedy_tokens_match_transformers(tmp_path, family):
     from transformers import AutoModelForCausalLM
 
     from minorsft_megatron.generate import parse_args, read_prompts, stop_ids
 
-    config = hf_config("llama")
+    config = hf_config(family)
     config.vocab_size = 1024  # the bundled tokenizer's
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

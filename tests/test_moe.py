@@ -13,8 +13,10 @@ from tests.distributed import spawn
 from tests.test_convert import CONVERT, rel_err, tensors
 
 RTOL = 1e-5
-LAYOUTS = [(1, 1, 1, None), (1, 1, 2, None), (2, 1, 1, None), (1, 2, 1, None), (2, 1, 2, 1)]
-"""(tp, pp, ep, etp) on 2 processes: EP 2, TP 2 (ETP = TP), PP 2, and TP 2 with EP 2 and ETP 1."""
+LAYOUTS = [(1, 1, 1, None), (1, 1, 2, None), (2, 1, 1, None), (1, 2, 1, None), (2, 1, 2, 1),
+           (1, 1, 2, None, "allgather"), (2, 1, 1, 1, "allgather")]
+"""(tp, pp, ep, etp[, dispatcher]) on 2 processes: EP 2, TP 2 (ETP = TP), PP 2, TP 2 with EP 2 and ETP 1 (the
+alltoall dispatcher), and the allgather dispatcher at EP 2 and at TP 2 with ETP 1."""
 SAVED_FROM = {(1, 1, 2, None): "ep2", (1, 2, 1, None): "pp2", (2, 1, 2, 1): "tp2_ep2_etp1"}
 
 

@@ -100,3 +100,36 @@ def test_an_ep1_moe_checkpoint_of_an_earlier_version_is_refused_in_one_line():
     with pytest.raises(CheckpointError, match=r"^CKPT: an MoE run saved at ep=1 by an earlier version.*: CKPT$"):
         check_resumed_optimizer(cfg, saved, "CKPT")
     check_resumed_optimizer(cfg, dict(saved, layout=dict(saved["layout"], expert_optimizer=True)), "CKPT")
+
+
+def test_score_of_an_moe_checkpoint_matches_transformers(tmp_path, start, data_prefix):
+    """`score` on a converted Qwen3-MoE checkpoint (fp32, 2 processes): each sample's answer log-prob sum and
+    answer-token count against the transformers model in float64."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from minorsft_megatron.data.dataset import SFTDataset
+
+    hf = str(Path(start[1]).parent / "hf")
+    init = str(tmp_path / "init_fp32")
+    subprocess.run([sys.executable, "-c", "import sys; from minorsft_megatron.convert import hf_to_megatron; "
+                    "hf_to_megatron(sys.argv[1], sys.argv[2], dtype='fp32', log=lambda *_: None)", hf, init],
+                   check=True, timeout=300)
+    out = str(tmp_path / "scores.jsonl")
+    spawn(2, run_commands, [("score", ["--load", init, "--data", data_prefix, "--out", out, "--precision", "fp32"])],
+          out_dir=tmp_path / "job", timeout=400)
+    scores = {row["index"]: row for row in map(json.loads, open(out))}
+    dataset = SFTDataset(data_prefix)
+    assert len(scores) == len(dataset.lengths)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float64, experts_implementation="eager")
+    for i in range(0, len(dataset.lengths), 150):
+        tokens = torch.from_numpy(dataset.tokens(i))
+        answer = torch.from_numpy(dataset.answer_mask(i).astype(bool))[1:]
+        with torch.no_grad():
+            logp = model(tokens[None, :-1]).logits[0].log_softmax(-1).gather(-1, tokens[1:, None])[:, 0]
+        want = float(logp[answer].sum())
+        assert scores[i]["num_answer_tokens"] == int(answer.sum()) > 0, i
+        assert abs(scores[i]["logp_sum"] - want) <= 1e-5 * abs(want), (i, scores[i]["logp_sum"], want)
