@@ -29,7 +29,7 @@ from minorsft_megatron.logprobs import (
     sequence_log_probs,
 )
 from minorsft_megatron.loss import LossSpec, get_loss, loss_and_stats, metrics_from_stats
-from minorsft_megatron.model import forward_kwargs
+from minorsft_megatron.model import forward_kwargs, unwrap
 
 
 class SFTLossFunction:
@@ -92,6 +92,20 @@ def packed_seq_params(batch: SFTBatch):
                            max_seqlen_q=t.max_seqlen, max_seqlen_kv=t.max_seqlen)
 
 
+def router_padding_mask(model, batch: SFTBatch) -> dict:
+    """`padding_mask` for an MoE model's routers ([b, s] True at padding; megatron-core leaves those positions out of
+    the auxiliary losses), else nothing. megatron-core's GPTModel splits it for sequence parallelism on the first
+    pipeline stage only; a later stage gets its TP rank's positions here, as its hidden states hold."""
+    gpt = unwrap(model)
+    if batch.padding is None or gpt.config.num_moe_experts is None:
+        return {}
+    padding = batch.padding
+    if gpt.config.sequence_parallel and not gpt.pre_process:
+        tp = gpt.pg_collection.tp
+        padding = padding.transpose(0, 1).chunk(tp.size())[tp.rank()].transpose(0, 1).contiguous()  # [b, s/tp]
+    return {"padding_mask": padding}
+
+
 def make_forward_step(loss_function):
     """forward_step_func(data_iterator, model) for get_forward_backward_func(); the iterator yields whole
     SFTBatch micro-batches, and each context-parallel rank feeds the model its own share of the positions."""
@@ -99,7 +113,8 @@ def make_forward_step(loss_function):
     def forward_step(data_iterator, model):
         batch = context_parallel_share(next(data_iterator), loss_function.cp_group)
         output = model(batch.tokens, batch.position_ids, batch.attention_mask,
-                       packed_seq_params=packed_seq_params(batch), **forward_kwargs(model))
+                       packed_seq_params=packed_seq_params(batch), **router_padding_mask(model, batch),
+                       **forward_kwargs(model))
         return output, functools.partial(loss_function, batch)  # output: logits [b, s/cp, V/tp] or hidden states
 
     return forward_step

@@ -5,8 +5,9 @@ The auxiliary term of one optimizer step is megatron-core's own, as it is withou
     A = sum over MoE layers of  coeff * mean over micro-batches and data-parallel ranks of  aux(micro-batch)
 
 with aux the switch-transformer load-balancing loss (moe_aux_loss_coeff) or the router z-loss (moe_z_loss_coeff)
-of one micro-batch's tokens, every position the router sees (padding included), computed by megatron-core's
-router (its tensor/context-parallel partial losses summed). Each rank averages over its own micro-batches. The
+of one micro-batch's sample positions (padding left out: forward_step passes megatron-core's `padding_mask`),
+computed by megatron-core's router (its tensor/context-parallel partial losses summed; the z-loss as the mean over
+the micro-batch's positions, compat.py). Each rank averages over its own micro-batches. The
 step's loss is  L = sum of per-sequence SFT losses / N + A,  N the global denominator (sequences or answer
 tokens, as the loss declares), so the SFT term is exact whatever the batching and A is megatron-core's mean.
 
@@ -113,9 +114,14 @@ class RoutingStatistics:
 
     def _count(self, router, inputs, output) -> None:
         """Forward hook: add one micro-batch's routed tokens per expert (output: probs, [tokens, experts] routing
-        map). Only with gradients on: a recomputed layer routes once without (the forward) and once with (backward)."""
-        if torch.is_grad_enabled():
-            self.tokens_per_expert[router.layer_number - 1] += output[1].sum(0)
+        map), padding left out (inputs: hidden states, then megatron-core's padding mask, True at padding). Only
+        with gradients on: a recomputed layer routes once without (the forward) and once with (backward)."""
+        if not torch.is_grad_enabled():
+            return
+        routed = output[1]
+        if len(inputs) > 1 and inputs[1] is not None:
+            routed = routed & ~inputs[1].reshape(-1, 1)
+        self.tokens_per_expert[router.layer_number - 1] += routed.sum(0)
 
     def start_step(self) -> None:
         self.tokens_per_expert.zero_()

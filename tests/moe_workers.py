@@ -12,10 +12,21 @@ def answer_mask(tokens: torch.Tensor, prompt_lengths) -> torch.Tensor:
     return (torch.arange(s)[None, :] >= torch.tensor(prompt_lengths)[:, None]).float()
 
 
-def step_gradients(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, micro_batch_size, loss, coeffs, out):
+def row_masks(tokens: torch.Tensor, prompt_lengths, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([b, s] answer mask, [b, s] bool padding) of rows whose first `lengths` positions are the sample's (all of
+    them when None) and the rest padding."""
+    b, s = tokens[:, :-1].shape
+    lengths = torch.tensor(lengths if lengths is not None else [s] * b)
+    padding = torch.arange(s)[None, :] >= lengths[:, None]
+    return answer_mask(tokens, prompt_lengths) * ~padding, padding
+
+
+def step_gradients(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, micro_batch_size, loss, coeffs, out,
+                   lengths=None):
     """Gradients of one step of `loss` on `tokens` (rows split over the data-parallel ranks, then into
-    micro-batches of `micro_batch_size`), with `coeffs` = (aux, z) on the routers; saved to `out`, and the step's
-    routing figures (moe.RoutingStatistics, per layer) to `out`.routing.pt."""
+    micro-batches of `micro_batch_size`; each row's positions from `lengths` on are padding), with `coeffs` =
+    (aux, z) on the routers; saved to `out`, and the step's routing figures (moe.RoutingStatistics, per layer) to
+    `out`.routing.pt."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -43,10 +54,11 @@ def step_gradients(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, micro_bat
     loss_fn = SFTLossFunction(loss, 0.04, output_log_probs(ddp, 16, state["vocab_size"], pgs.tp, tp > 1))
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     rows = torch.arange(tokens.size(0)).chunk(dp)[rank]
-    mask = answer_mask(tokens, prompt_lengths)
+    mask, padding = row_masks(tokens, prompt_lengths, lengths)
     s = tokens.size(1) - 1
     batches = [SFTBatch(tokens=tokens[i, :-1], labels=tokens[i, 1:], loss_mask=mask[i],
-                        position_ids=torch.arange(s).repeat(len(i), 1), ref_logp_sum=ref_logp_sum[i].float())
+                        position_ids=torch.arange(s).repeat(len(i), 1), ref_logp_sum=ref_logp_sum[i].float(),
+                        padding=padding[i])
                for i in rows.split(micro_batch_size)]
     scale = moe.step_scale(batches, loss_fn.spec.denominator, pgs.dp) if moe.has_auxiliary_losses(cfg.model) else None
     routing = moe.RoutingStatistics(model, moe_layer_pattern(config), cfg.model.num_experts,

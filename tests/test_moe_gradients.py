@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from tests.convert_workers import make_hf_model
 from tests.distributed import spawn
-from tests.moe_workers import answer_mask, step_gradients
+from tests.moe_workers import row_masks, step_gradients
 from tests.test_convert import CONVERT, tensors
 
 FAMILY = "qwen3_moe"
@@ -65,9 +65,10 @@ def router_losses(logits):
     return balancing, (torch.logsumexp(logits, -1) ** 2).mean(), counts
 
 
-def reference(hf_dir, tokens, ref_logp_sum, loss, micro_batch_size, dp, coeffs=COEFFS, prompts=PROMPTS):
+def reference(hf_dir, tokens, ref_logp_sum, loss, micro_batch_size, dp, coeffs=COEFFS, prompts=PROMPTS,
+              lengths=None):
     """Parameter gradients (by saved Hugging Face name) of L = SFT / N + A in float64, the weights, and the routing
-    figures {name_layer_i: value} of moe.RoutingStatistics."""
+    figures {name_layer_i: value} of moe.RoutingStatistics; the routers' statistics leave padding out."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, experts_implementation="eager")
@@ -75,7 +76,8 @@ def reference(hf_dir, tokens, ref_logp_sum, loss, micro_batch_size, dp, coeffs=C
     for i, layer in enumerate(model.model.layers):
         if hasattr(layer.mlp, "gate"):
             layer.mlp.gate.register_forward_hook(lambda mod, inp, out, i=i: logits_seen.append((i, out[0])))
-    mask = answer_mask(tokens, prompts).double()
+    mask, padding = row_masks(tokens, prompts, lengths)
+    mask = mask.double()
     n_total = mask.sum() if loss == "sft" else (mask.sum(1) > 0).sum()
     groups = [i.split(micro_batch_size) for i in torch.arange(tokens.size(0)).chunk(dp)]
     total, figures, counts = 0.0, {}, {}
@@ -85,8 +87,8 @@ def reference(hf_dir, tokens, ref_logp_sum, loss, micro_batch_size, dp, coeffs=C
             out = model(tokens[rows, :-1]).logits.log_softmax(-1)
             logp_sum = (out.gather(-1, tokens[rows, 1:, None])[..., 0] * mask[rows]).sum(1)
             total = total + sequence_losses(loss, logp_sum, ref_logp_sum[rows], mask[rows].sum(1)).sum() / n_total
-            for i, logits in logits_seen:
-                balancing, z, routed = router_losses(logits)
+            for i, logits in logits_seen:  # [rows * s, E], row-major
+                balancing, z, routed = router_losses(logits[~padding[rows].reshape(-1)])
                 mean = 1 / (len(rank_batches) * dp)  # over micro-batches and data-parallel ranks
                 total = total + (coeffs[0] * balancing + coeffs[1] * z) * mean
                 for name, value in (("moe_load_balancing_loss", balancing), ("moe_z_loss", z)):
@@ -100,14 +102,14 @@ def reference(hf_dir, tokens, ref_logp_sum, loss, micro_batch_size, dp, coeffs=C
 
 
 def our_step(converted, tmp_path, tokens, ref_logp_sum, loss, layout, micro_batch_size, coeffs=COEFFS,
-             prompts=PROMPTS):
-    """Our step's gradients under Hugging Face names, and its routing figures."""
+             prompts=PROMPTS, lengths=None):
+    """Our step's gradients under Hugging Face names, and its routing figures (on 2 processes, 4 for TP x PP 4)."""
     import subprocess
     import sys
 
     out = str(tmp_path / "grads")
-    spawn(2, step_gradients, str(converted / FAMILY / "megatron"), layout, tokens, prompts, ref_logp_sum,
-          micro_batch_size, loss, coeffs, out, out_dir=tmp_path / "job", timeout=300)
+    spawn(max(2, layout[0] * layout[1]), step_gradients, str(converted / FAMILY / "megatron"), layout, tokens,
+          prompts, ref_logp_sum, micro_batch_size, loss, coeffs, out, lengths, out_dir=tmp_path / "job", timeout=300)
     back = str(tmp_path / "hf_grads")
     subprocess.run([sys.executable, "-c", "import sys; from minorsft_megatron.convert import megatron_to_hf; "
                     "megatron_to_hf(sys.argv[1], sys.argv[2], log=lambda *_: None)", out, back], check=True,
@@ -119,16 +121,24 @@ def relative_error(got, want) -> float:
     return float((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-30))
 
 
-@pytest.mark.parametrize("loss,layout,micro_batch_size", [
-    ("minor_sft", (1, 1, 1), 2), ("minor_sft", (1, 1, 2), 1), ("sft", (1, 1, 2), 2), ("sft_seq", (1, 1, 1), 1),
-    ("sft_dpo", (1, 1, 2), 2), ("minor_sft", (2, 1, 1), 2), ("sft", (1, 2, 1), 1),
-    ("minor_sft", (2, 1, 1, 1), 2)])  # (tp, pp, ep[, etp]); SP with tp 2
-def test_step_gradients_match_transformers(converted, tmp_path, loss, layout, micro_batch_size):
+PADDED = [16, 11, 13, 16]
+"""Positions of each row that hold its sample (of 16); the rest is padding, which the routers leave out."""
+
+
+@pytest.mark.parametrize("loss,layout,micro_batch_size,lengths", [
+    ("minor_sft", (1, 1, 1), 2, None), ("minor_sft", (1, 1, 2), 1, None), ("sft", (1, 1, 2), 2, None),
+    ("sft_seq", (1, 1, 1), 1, None), ("sft_dpo", (1, 1, 2), 2, None), ("minor_sft", (2, 1, 1), 2, None),
+    ("sft", (1, 2, 1), 1, None), ("minor_sft", (2, 1, 1, 1), 2, None),
+    ("minor_sft", (1, 1, 2), 2, PADDED), ("sft", (2, 1, 1), 1, PADDED), ("minor_sft", (2, 2, 1), 2, PADDED),
+])  # (tp, pp, ep[, etp]); SP with tp 2; TP 2 x PP 2 on 4 processes
+def test_step_gradients_match_transformers(converted, tmp_path, loss, layout, micro_batch_size, lengths):
     tokens = torch.randint(0, 300, (ROWS, LENGTH), generator=torch.Generator().manual_seed(3))
     ref_logp_sum = -torch.linspace(20.0, 60.0, ROWS, dtype=torch.float64)  # weights far from 1
-    ours, figures = our_step(converted, tmp_path, tokens, ref_logp_sum, loss, layout, micro_batch_size)
+    ours, figures = our_step(converted, tmp_path, tokens, ref_logp_sum, loss, layout, micro_batch_size,
+                             lengths=lengths)
     grads, weights, want_figures = reference(str(converted / FAMILY / "hf"), tokens, ref_logp_sum, loss,
-                                             micro_batch_size, dp=2 // (layout[0] * layout[1]))
+                                             micro_batch_size, dp=max(1, 2 // (layout[0] * layout[1])),
+                                             lengths=lengths)
     original = tensors(str(converted / FAMILY / "hf"))
     assert ours.keys() == original.keys()
     for name, got in ours.items():

@@ -65,6 +65,9 @@ class SFTBatch:
     cu_seqlens (packed rows) or one sample per row."""
     thd: PackedSequences | None = None
     """THD micro-batches ([1, T] tensors): the attention sequences; None: rows."""
+    padding: torch.Tensor | None = None
+    """[b, s] bool, True at positions that hold no sample's token (a row's tail, a THD sample's padding): what
+    megatron-core's MoE routers leave out of their auxiliary losses (`padding_mask`); None: no padding known."""
 
     def to(self, device: torch.device) -> "SFTBatch":
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
@@ -112,11 +115,13 @@ def packed_causal_mask(cu_seqlens: torch.Tensor, batch_size: int, seq_length: in
 # ---- building micro-batches from a dataset --------------------------------------------------------------------
 
 def fill_rows(dataset, rows: list[list[int]], seq_length: int):
-    """Row tensors for `rows` of dataset indices, samples laid end to end, and each sample's end over the
-    flattened [b * s] positions (a row's last sample ends at the row's end: its tail is padding)."""
+    """Row tensors for `rows` of dataset indices, samples laid end to end (tokens, labels, loss mask, positions,
+    padding), and each sample's end over the flattened [b * s] positions (a row's last sample ends at the row's
+    end: its tail is padding)."""
     b, s = len(rows), seq_length
     tokens, labels = torch.zeros(b, s, dtype=torch.long), torch.zeros(b, s, dtype=torch.long)
     loss_mask, position_ids = torch.zeros(b, s), torch.arange(s).repeat(b, 1)
+    padding = torch.ones(b, s, dtype=torch.bool)
     ends = []
     for r, row in enumerate(rows):
         at = 0
@@ -127,18 +132,20 @@ def fill_rows(dataset, rows: list[list[int]], seq_length: int):
             tokens[r, at : at + n], labels[r, at : at + n] = ids[:-1], ids[1:]
             loss_mask[r, at : at + n] = answer[1:]
             position_ids[r, at : at + n] = torch.arange(n)
+            padding[r, at : at + n] = False
             at += n
             ends.append(r * s + at)
         if row:  # the row's tail belongs to its last sample: positions run on
             position_ids[r, at:] = torch.arange(n, n + s - at)
             ends[-1] = (r + 1) * s
-    return tokens, labels, loss_mask, position_ids, ends
+    return tokens, labels, loss_mask, position_ids, padding, ends
 
 
 def padded_micro_batch(dataset, samples, seq_length: int) -> SFTBatch:
     """One sample per row, in the order given."""
-    tokens, labels, loss_mask, position_ids, _ = fill_rows(dataset, [[int(i)] for i in samples], seq_length)
-    return SFTBatch(tokens, labels, loss_mask, position_ids, sample_index=torch.as_tensor(np.asarray(samples)))
+    tokens, labels, loss_mask, position_ids, padding, _ = fill_rows(dataset, [[int(i)] for i in samples], seq_length)
+    return SFTBatch(tokens, labels, loss_mask, position_ids, sample_index=torch.as_tensor(np.asarray(samples)),
+                    padding=padding)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -157,6 +164,7 @@ def thd_micro_batch(dataset, samples: list[int], sample_multiple: int, total_mul
     tokens, labels = torch.zeros(1, total, dtype=torch.long), torch.zeros(1, total, dtype=torch.long)
     loss_mask, position_ids = torch.zeros(1, total), torch.zeros(1, total, dtype=torch.long)
     sample_id = torch.full((1, total), len(samples), dtype=torch.long)
+    padding = torch.ones(1, total, dtype=torch.bool)
     at = 0
     for j, width in enumerate(padded):
         position_ids[0, at : at + width] = torch.arange(width)
@@ -166,21 +174,23 @@ def thd_micro_batch(dataset, samples: list[int], sample_multiple: int, total_mul
             n = lengths[j]
             tokens[0, at : at + n], labels[0, at : at + n], loss_mask[0, at : at + n] = ids[:-1], ids[1:], answer[1:]
             sample_id[0, at : at + width] = j
+            padding[0, at : at + n] = False
         at += width
     cumulative = lambda values: torch.tensor([0] + list(np.cumsum(values)), dtype=torch.int32)  # noqa: E731
     return SFTBatch(tokens, labels, loss_mask, position_ids, sample_index=torch.tensor(samples, dtype=torch.long),
-                    sample_id=sample_id, thd=PackedSequences(cumulative(lengths), cumulative(padded), max(padded)))
+                    sample_id=sample_id, thd=PackedSequences(cumulative(lengths), cumulative(padded), max(padded)),
+                    padding=padding)
 
 
 def packed_micro_batch(dataset, rows: list[list[int]], seq_length: int) -> SFTBatch:
     """Packed rows with `cu_seqlens` `[n + 1]` and the block-diagonal causal mask; empty rows (padding) come
     last, past cu_seqlens[-1]."""
-    tokens, labels, loss_mask, position_ids, ends = fill_rows(dataset, rows, seq_length)
+    tokens, labels, loss_mask, position_ids, padding, ends = fill_rows(dataset, rows, seq_length)
     cu_seqlens = torch.tensor([0] + ends, dtype=torch.int64)
     index = torch.tensor([i for row in rows for i in row], dtype=torch.long)
     return SFTBatch(tokens, labels, loss_mask, position_ids,
                     attention_mask=packed_causal_mask(cu_seqlens, len(rows), seq_length),
-                    cu_seqlens=cu_seqlens, sample_index=index)
+                    cu_seqlens=cu_seqlens, sample_index=index, padding=padding)
 
 
 # ---- merging -------------------------------------------------------------------------------------------------
@@ -257,6 +267,8 @@ def context_parallel_share(batch: SFTBatch, cp_group) -> SFTBatch:
                          "for context parallelism")
     fields = {"tokens": batch.tokens, "labels": batch.labels, "loss_mask": batch.loss_mask,
               "position_ids": batch.position_ids, "sample_id": batch.position_sample_ids()}
+    if batch.padding is not None:
+        fields["padding"] = batch.padding
     if batch.thd is None:
         local = get_batch_on_this_cp_rank(dict(fields), cp_group)
     else:
