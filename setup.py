@@ -25,6 +25,6 @@ setup(
         "hf": ["transformers", "safetensors", "tokenizers"],
         "tiktoken": ["tiktoken"],
         "data": ["pyarrow", "datasets"],
-        "dev": ["pytest", "transformers", "tokenizers", "tiktoken", "pyarrow", "datasets"],
+        "dev": ["pytest", "transformers", "tokenizers", "tiktoken", "pyarrow", "datasets", "peft"],
     },
 )

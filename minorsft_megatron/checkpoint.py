@@ -152,10 +152,16 @@ def read_state(path: str) -> dict:
     return common["state"]
 
 
-def _model_and_optimizer(model, optimizer, loading: bool, optimizer_sharding: str | None) -> dict:
+def _model_and_optimizer(model, optimizer, loading: bool, optimizer_sharding: str | None,
+                         without_adapters: bool = False) -> dict:
     """The sharded state dicts to save or load. `optimizer_sharding`: the distributed optimizer's
-    distrib_optim_sharding_type (None for the other optimizers)."""
+    distrib_optim_sharding_type (None for the other optimizers). `without_adapters`: the model's LoRA adapters
+    left out (loading a base checkpoint into an adapted model)."""
+    from minorsft_megatron.lora import is_adapter_key
+
     model_sd = model.sharded_state_dict()
+    if without_adapters:
+        model_sd = {k: v for k, v in model_sd.items() if not is_adapter_key(k)}
     entries = {"model": model_sd}
     if optimizer is not None:
         metadata = None if optimizer_sharding is None else {"distrib_optim_sharding_type": optimizer_sharding}
@@ -243,24 +249,34 @@ def _prune(save_dir: str, keep: int | None) -> None:
         shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
 
 
-def load(path: str, model, optimizer=None, layout: dict | None = None, current_schedule: bool = False) -> dict:
+def load(path: str, model, optimizer=None, layout: dict | None = None, current_schedule: bool = False,
+         base_only: bool = False) -> dict:
     """Load `path` (a checkpoint or a save directory) into `model` (and `optimizer`); returns its state.
 
     The RNG states are restored only when `layout` is the layout the checkpoint was saved under.
     `current_schedule`: the optimizer's parameter groups keep their current lr and wd values (a schedule
-    recomputed from this run's config), not the checkpoint's."""
+    recomputed from this run's config), not the checkpoint's. `base_only`: every weight but `model`'s LoRA
+    adapters, which keep their starting values (a base checkpoint)."""
     from megatron.core import dist_checkpointing
 
     directory = resolve(path)
     state = read_state(directory)
     entries = _model_and_optimizer(model, optimizer, loading=True,
-                                   optimizer_sharding=state.get("optimizer_sharding"))
+                                   optimizer_sharding=state.get("optimizer_sharding"), without_adapters=base_only)
     try:
         with _without_torch_metadata_fallback_notes():
             loaded = dist_checkpointing.load(entries, directory)
     except READ_FAILURES as err:  # a damaged file fails in many ways, deep inside torch
         raise _damaged(directory, err) from err
-    model.load_state_dict(loaded["model"])
+    if base_only:
+        from minorsft_megatron.lora import is_adapter_key
+
+        missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
+        if unexpected or not all(is_adapter_key(k) for k in missing):
+            raise CheckpointError(f"{directory}: does not match the model: missing "
+                                  f"{[k for k in missing if not is_adapter_key(k)][:3]}, unexpected {unexpected[:3]}")
+    else:
+        model.load_state_dict(loaded["model"])
     if optimizer is not None:
         saved = loaded["optimizer"]
         optimizer.load_state_dict(compat.with_current_schedule(saved, optimizer.param_groups) if current_schedule

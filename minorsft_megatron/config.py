@@ -180,9 +180,10 @@ class DataConfig:
 
 @dataclass
 class ReferenceConfig:
-    mode: str = "colocated"
-    """colocated (a frozen second model beside the policy), cache (log-probs from `score`), none (no reference:
-    sft and sft_seq only; m_theta is then not logged)."""
+    mode: str | None = None
+    """colocated (a frozen second model beside the policy), cache (log-probs from `score`), base (LoRA: the policy
+    itself with its adapters off, no second copy), none (no reference: sft and sft_seq only; m_theta is then not
+    logged); None: base with LoRA, else colocated."""
     cache: str | None = None
     """Reference cache JSONL written by `python -m minorsft_megatron.score` (mode cache)."""
     precision: str = "bf16"
@@ -196,6 +197,23 @@ class ReferenceConfig:
     """Rows per micro-batch of the co-located reference's forward: a multiple of data.micro_batch_size (it keeps
     no activations, so it can run larger ones, with fewer collectives per row); None: data.micro_batch_size.
     Larger is not always faster: on CPU, 16 rows of 128 positions beat 32 (docs/performance.md)."""
+
+
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0
+    """Adapter rank; 0: no LoRA (full fine-tuning)."""
+    alpha: float = 32.0
+    """The adapters' output is scaled by alpha / rank (PEFT's lora_alpha)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (PEFT's lora_dropout). Only 0 is built: the reference pass with the adapters
+    off then sees the same activations."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """megatron-core linears that get adapters (PEFT modules): linear_qkv (q_proj, k_proj, v_proj), linear_proj
+    (o_proj), linear_fc1 (gate_proj, up_proj), linear_fc2 (down_proj). Every other weight stays frozen."""
 
 
 @dataclass
@@ -256,6 +274,7 @@ class TrainConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 # ---- reading ------------------------------------------------------------------------------------------------
@@ -566,7 +585,9 @@ def _check_fp8_tokens(c: TrainConfig, source: str) -> None:
 
 def _validate_reference(c: TrainConfig, source: str) -> None:
     r, d = c.reference, c.data
-    _choice(r.mode, ("colocated", "cache", "none"), source, "reference.mode")
+    _choice(r.mode, ("colocated", "cache", "base", "none"), source, "reference.mode")
+    _require(r.mode != "base" or c.lora.rank > 0, source, "reference.mode",
+             "base (the policy with its adapters off) needs LoRA (lora.rank > 0)")
     _choice(r.precision, DTYPES + ("fp8",), source, "reference.precision")
     if r.micro_batch_size is not None:
         _require(r.micro_batch_size >= 1 and r.micro_batch_size % d.micro_batch_size == 0, source,
@@ -600,13 +621,36 @@ def _validate_checkpoint_and_run(c: TrainConfig, source: str) -> None:
     _require(ck.save is None or not os.path.isfile(ck.save), source, "checkpoint.save", f"{ck.save} is a file")
 
 
+def _validate_lora(c: TrainConfig, source: str) -> None:
+    lo, m = c.lora, c.model
+    _require(lo.rank >= 0, source, "lora.rank", "must be >= 0 (0: no LoRA)")
+    if lo.rank == 0:
+        return
+    _require(lo.alpha > 0, source, "lora.alpha", "must be positive")
+    _require(lo.dropout == 0, source, "lora.dropout", "only 0 is built (the reference pass relies on it)")
+    for i, target in enumerate(lo.target_modules):
+        _require(target in LORA_TARGETS, source, f"lora.target_modules[{i}]",
+                 f"{target!r} is not a linear of the model (one of {', '.join(LORA_TARGETS)})")
+    _require(bool(lo.target_modules) and len(set(lo.target_modules)) == len(lo.target_modules), source,
+             "lora.target_modules", "must name each target once, at least one")
+    d = m.kv_channels or m.hidden_size // m.num_attention_heads
+    smallest = min(m.hidden_size, (m.num_query_groups or m.num_attention_heads) * d, m.ffn_hidden_size)
+    _require(lo.rank <= smallest, source, "lora.rank",
+             f"{lo.rank} is larger than the model's smallest adapted dimension ({smallest})")
+    _require(m.num_experts is None, source, "lora", "LoRA on mixture-of-experts models is not built yet")
+    _require(c.precision.fp8 is None, source, "precision.fp8",
+             "LoRA with FP8 is not built (the adapters would need FP8 weights)")
+
+
 SECTION_CHECKS = (_validate_model, _validate_parallel, _validate_moe, _validate_precision_and_loss, _validate_optimizer,
-                  _validate_data, _validate_reference, _validate_checkpoint_and_run)
+                  _validate_data, _validate_lora, _validate_reference, _validate_checkpoint_and_run)
 """validate() runs these in order; each raises ConfigError naming the first key that is wrong."""
 
 
 def validate(c: TrainConfig, source: str = "config", world_size: int | None = None) -> None:
-    """Checks that need no model and no data beyond file existence."""
+    """Checks that need no model and no data beyond file existence (and the defaults that depend on other keys)."""
+    if c.reference.mode is None:
+        c.reference.mode = "base" if c.lora.rank > 0 else "colocated"
     for check in SECTION_CHECKS:
         check(c, source)
     if world_size is not None:
@@ -646,6 +690,9 @@ def check_for_device(c: TrainConfig, source: str, device_type: str) -> None:
         _require(c.model.num_experts is None or spec == "local", source, "model.spec",
                  f"{c.model.spec} resolves to te here: mixture-of-experts layers are tested on the local spec only "
                  "(SequentialMLP; TE's grouped GEMM has had no GPU run yet); set model.spec: local")
+        _require(c.lora.rank == 0 or spec == "local", source, "model.spec",
+                 f"{c.model.spec} resolves to te here: LoRA adapters are built on the local spec only "
+                 "(TE's fused norm-linears do not expose the normed input); set model.spec: local")
         transformer_engine.check_context_parallel_and_packing(c.parallel.cp, c.data.packing, spec)
     except transformer_engine.TransformerEngineError as err:
         key, _, message = str(err).partition(": ")

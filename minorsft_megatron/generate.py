@@ -138,7 +138,7 @@ def generate(args) -> None:
     device = setup_device(cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else None)
     pgs = parallel.initialize(device, tp=args.tp, seed=cfg.seed)
     model, _ = build_model(cfg, RolePrecision("fp32" if device.type == "cpu" else "bf16"), state["vocab_size"],
-                           device, initialize=False)
+                           device, initialize=False, adapters=cfg.lora.rank > 0)
     checkpoint.load(args.load, model)
     model.eval()
     log_probs = output_log_probs(model, cfg.loss.logprob_chunk_size, state["vocab_size"], pgs.tp, False)

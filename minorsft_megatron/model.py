@@ -235,10 +235,12 @@ def gpt_from_config(model_cfg, config: TransformerConfig, padded_vocab: int, pre
     )
 
 
-def build_model(cfg, precision: transformer_engine.RolePrecision, vocab: int, device, initialize: bool):
+def build_model(cfg, precision: transformer_engine.RolePrecision, vocab: int, device, initialize: bool,
+                adapters: bool = False):
     """This pipeline stage's GPTModel for `cfg` (config.TrainConfig) in `precision` (wrapped in Float16Module for
     bf16/fp16) on `device`, on the layer spec `cfg.model.spec` resolves to here (auto: Transformer Engine on a GPU
-    where it imports). `initialize`: draw random weights from `cfg.seed`, else leave them to a checkpoint."""
+    where it imports). `initialize`: draw random weights from `cfg.seed`, else leave them to a checkpoint.
+    `adapters`: with cfg.lora's adapters (lora.py), every other weight frozen."""
     from megatron.core import parallel_state
     from megatron.core.transformer.module import Float16Module
 
@@ -248,6 +250,10 @@ def build_model(cfg, precision: transformer_engine.RolePrecision, vocab: int, de
     model = gpt_from_config(model_cfg, config, checkpoint_vocab_size(vocab),
                             parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
     mark_expert_parameters(model)
+    if adapters:
+        from minorsft_megatron import lora
+
+        lora.add_adapters(model, cfg.lora, config, cfg.seed, parallel_state.get_tensor_model_parallel_group())
     if precision.dtype != "fp32":
         model = Float16Module(config, model)
     return model.to(device), config

@@ -56,18 +56,41 @@ class ColocatedReference:
     @torch.no_grad()
     def attach(self, micro_batches) -> None:
         """Score the whole global batch; on the last stage, set each micro-batch's `ref_logp_sum`."""
-        k = self.merge if len(micro_batches) % self.merge == 0 else 1
-        batches = [merge_micro_batches(micro_batches[i : i + k]) for i in range(0, len(micro_batches), k)]
         if self.offload:
             self.model.to(self.device)
-        scored = forward_log_probs([self.model], batches, self.collector, self.seq_length,
-                                   self.micro_batch_size * k)
+        score_into(micro_batches, self.model, self.collector, self.seq_length, self.micro_batch_size, self.merge)
         if self.offload:
             self.model.to("cpu")
-        if scored is None:  # not the last pipeline stage: the policy's loss is computed elsewhere
-            return
-        logp_sum, at = scored.logp_sum, 0
-        for mb in micro_batches:
-            n = len(mb.sample_index)
-            mb.ref_logp_sum = logp_sum[at : at + n].detach().to(torch.float32)
-            at += n
+
+
+class BaseReference:
+    """LoRA: the policy's own model with every adapter switched off, which is the starting model exactly, run
+    forward-only through the same pipeline schedule before the policy's step; nothing is stored but the sums."""
+
+    def __init__(self, model, collector: LogProbCollector, seq_length: int, micro_batch_size: int, merge: int = 1):
+        """`model`: what the policy's schedule runs (its DistributedDataParallel)."""
+        self.model, self.collector = model, collector
+        self.seq_length, self.micro_batch_size, self.merge = seq_length, micro_batch_size, merge
+
+    @torch.no_grad()
+    def attach(self, micro_batches) -> None:
+        from minorsft_megatron.lora import adapters_disabled
+
+        with adapters_disabled(self.model):
+            score_into(micro_batches, self.model, self.collector, self.seq_length, self.micro_batch_size,
+                       self.merge)
+
+
+def score_into(micro_batches, model, collector, seq_length: int, micro_batch_size: int, merge: int) -> None:
+    """Score `micro_batches` forward-only with `model` (`merge` of them as one where they divide evenly); on the last
+    pipeline stage, set each one's `ref_logp_sum`."""
+    k = merge if len(micro_batches) % merge == 0 else 1
+    batches = [merge_micro_batches(micro_batches[i : i + k]) for i in range(0, len(micro_batches), k)]
+    scored = forward_log_probs([model], batches, collector, seq_length, micro_batch_size * k)
+    if scored is None:  # not the last pipeline stage: the policy's loss is computed elsewhere
+        return
+    logp_sum, at = scored.logp_sum, 0
+    for mb in micro_batches:
+        n = len(mb.sample_index)
+        mb.ref_logp_sum = logp_sum[at : at + n].detach().to(torch.float32)
+        at += n

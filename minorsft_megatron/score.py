@@ -159,7 +159,7 @@ def score_rank_share(args, cfg, state, dataset, device, pgs, precision: str):
         args.cp, False, transformer_engine.resolve_spec(cfg.model.spec, device.type))
     fp8_multiple = transformer_engine.FP8_TOKEN_MULTIPLE[role.fp8_recipe] if role.fp8 else 1
     seq_length = score_seq_length(dataset, args.cp, fp8_multiple)
-    model, _ = build_model(cfg, role, state["vocab_size"], device, initialize=False)
+    model, _ = build_model(cfg, role, state["vocab_size"], device, initialize=False, adapters=cfg.lora.rank > 0)
     loaded = checkpoint.load(args.load, model)
     model.eval()
     batches, keep = rank_micro_batches(dataset, seq_length, args.micro_batch_size,

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from minorsft_megatron import checkpoint, moe, parallel, paths, transformer_engine
+from minorsft_megatron import checkpoint, lora, moe, parallel, paths, transformer_engine
 from minorsft_megatron.cli import ArgumentParser, run_main
 from minorsft_megatron.errors import UserError
 from minorsft_megatron.config import (
@@ -38,7 +38,7 @@ from minorsft_megatron.device import peak_memory_gib, setup_device
 from minorsft_megatron.forward_step import LogProbCollector, SFTLossFunction, forward_backward, reduce_step_metrics
 from minorsft_megatron.metrics_log import MetricsLog
 from minorsft_megatron.model import build_model, moe_layer_pattern, output_log_probs, unwrap
-from minorsft_megatron.reference import CachedReference, ColocatedReference
+from minorsft_megatron.reference import BaseReference, CachedReference, ColocatedReference
 
 
 SCHEDULE_KEYS = ("optimizer.lr", "optimizer.min_lr", "optimizer.warmup_ratio", "optimizer.decay",
@@ -106,7 +106,7 @@ def build_policy(cfg: TrainConfig, vocab: int, device, total_steps: int) -> Poli
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     model, config = build_model(cfg, transformer_engine.role_precision(cfg, "policy"), vocab, device,
-                                initialize=cfg.checkpoint.init is None)
+                                initialize=cfg.checkpoint.init is None, adapters=cfg.lora.rank > 0)
     config.finalize_model_grads_func = finalize_model_grads
     moe.attach_unscaled(model)  # their backward scale is set per step (moe.py)
     o = cfg.optimizer
@@ -151,11 +151,16 @@ def build_reference(cfg: TrainConfig, policy: Policy, vocab: int, device, pgs, d
         return None
     if mode == "cache":
         return CachedReference(cfg.reference.cache, dataset.fingerprint, start_id)
+    merge = (cfg.reference.micro_batch_size or cfg.data.micro_batch_size) // cfg.data.micro_batch_size
+    if mode == "base":
+        log_probs = output_log_probs(policy.model, cfg.loss.logprob_chunk_size, vocab, pgs.tp, cfg.parallel.sp)
+        return BaseReference(policy.ddp, LogProbCollector(log_probs, cp_group=pgs.cp), cfg.data.seq_length,
+                             cfg.data.micro_batch_size, merge=merge)
     model, _ = build_model(cfg, transformer_engine.role_precision(cfg, "reference"), vocab, device, initialize=False)
-    unwrap(model).load_state_dict(unwrap(policy.model).state_dict())  # cast to the reference's dtype
+    base_weights = {k: v for k, v in unwrap(policy.model).state_dict().items() if not lora.is_adapter_key(k)}
+    unwrap(model).load_state_dict(base_weights)  # cast to the reference's dtype
     log_probs = output_log_probs(model, cfg.loss.logprob_chunk_size, vocab, pgs.tp, cfg.parallel.sp)
     collector = LogProbCollector(log_probs, cp_group=pgs.cp)
-    merge = (cfg.reference.micro_batch_size or cfg.data.micro_batch_size) // cfg.data.micro_batch_size
     return ColocatedReference(model, collector, device, cfg.data.seq_length, cfg.data.micro_batch_size,
                               offload=cfg.reference.offload, merge=merge)
 
@@ -195,7 +200,7 @@ def load_start(cfg: TrainConfig, policy: Policy) -> tuple[str | None, dict | Non
     """Load checkpoint.init into the policy; returns its identity and Hugging Face origin (or None, None)."""
     if cfg.checkpoint.init is None:
         return None, None
-    start = checkpoint.load(cfg.checkpoint.init, policy.model)
+    start = checkpoint.load(cfg.checkpoint.init, policy.model, base_only=cfg.lora.rank > 0)
     policy.optimizer.reload_model_params()  # mixed precision: the fp32 main parameters were copied at build time
     return start["checkpoint_id"], start.get("hf")  # Hugging Face config and tokenizer files
 

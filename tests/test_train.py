@@ -141,7 +141,7 @@ def test_exponent_without_a_dot_is_a_float(tmp_path, data_prefix):
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu.yaml", "qwen2_7b_minor_sft.yaml", "llama3_8b_minor_sft.yaml",
-                                  "tiny_moe_cpu.yaml", "qwen3_30b_a3b_minor_sft.yaml"])
+                                  "tiny_moe_cpu.yaml", "qwen3_30b_a3b_minor_sft.yaml", "tiny_lora_cpu.yaml"])
 def test_example_configs_are_valid(data_prefix, name):
     """Every key of the bundled configs exists and has the right type (their data and checkpoints are replaced)."""
     overrides = [f"data.prefix={data_prefix}", "checkpoint.init=null"]

@@ -63,6 +63,9 @@ def parse_args(argv=None):
     to_hf = sub.add_parser("megatron-to-hf", help="a megatron-core checkpoint to a Hugging Face directory")
     to_hf.add_argument("--load", required=True)
     to_hf.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: the checkpoint's")
+    to_hf.add_argument("--lora", choices=("merged", "peft"), default="merged",
+                       help="a LoRA run's checkpoint: the full model with the adapters merged in (default), or a PEFT "
+                            "adapter (adapter_config.json, adapter_model.safetensors) for the base it started from")
     for direction in (to_mg, to_hf):
         direction.add_argument("--out", required=True, help="a new or empty directory")
         direction.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (never an input)")
@@ -85,7 +88,9 @@ def main(argv=None) -> int:
             if args.verify:
                 verify(args.hf_dir, path)
         else:
-            megatron_to_hf(args.load, args.out, args.dtype, overwrite=args.overwrite)
+            if args.verify and args.lora == "peft":
+                raise UserError("--verify compares a full model: leave it out with --lora peft")
+            megatron_to_hf(args.load, args.out, args.dtype, overwrite=args.overwrite, lora=args.lora)
             if args.verify:
                 verify(args.out, args.load)
     except (UserError, OSError) as err:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from minorsft_megatron.convert.adapters import merged, write_peft_adapter
 from minorsft_megatron.convert.family import ConversionError
 from minorsft_megatron.convert.io import (
     COPIED_FILES,
@@ -89,9 +90,14 @@ def write_megatron(out: str, hf_dir: str, hf_config: dict, model_cfg, reader, dt
 
 
 
+LORA_OUTPUTS = ("merged", "peft")
+
+
 def megatron_to_hf(load: str, out: str, dtype: str | None = None, max_shard_bytes: int = 5 << 30, log=print,
-                   overwrite: bool = False) -> str:
-    """Convert the checkpoint at `load` (or the latest under it) to a Hugging Face directory `out`."""
+                   overwrite: bool = False, lora: str = "merged") -> str:
+    """Convert the checkpoint at `load` (or the latest under it) to a Hugging Face directory `out`. A LoRA run's
+    checkpoint (`lora`): `merged`, the full model with the adapters merged in; `peft`, a PEFT adapter for the base
+    it started from (adapters.py)."""
     from minorsft_megatron import checkpoint
     from minorsft_megatron.config import TrainConfig, from_dict
 
@@ -99,15 +105,21 @@ def megatron_to_hf(load: str, out: str, dtype: str | None = None, max_shard_byte
     state = checkpoint.read_state(directory)
     train_cfg = from_dict(TrainConfig, state["config"], f"{directory} (saved config)")
     train_cfg.model.vocab_size = train_cfg.model.vocab_size or state["vocab_size"]  # unset: the tokenizer's
+    if lora not in LORA_OUTPUTS:
+        raise ConversionError(f"--lora {lora}: one of {', '.join(LORA_OUTPUTS)}")
+    if lora == "peft" and train_cfg.lora.rank == 0:
+        raise ConversionError(f"--lora peft: {directory} is not a LoRA run's checkpoint (no adapters)")
     with building(out, "--out", overwrite, {"--load": load, "--load checkpoint": directory}) as tmp:
         write_hf(tmp, directory, state, train_cfg, TORCH_DTYPES[dtype or train_cfg.precision.dtype],
-                 max_shard_bytes, log)
+                 max_shard_bytes, log, peft_adapter=lora == "peft")
     log(f"wrote {out}")
     return out
 
 
-def write_hf(out: str, directory: str, state: dict, train_cfg, out_dtype, max_shard_bytes: int, log) -> None:
-    """The Hugging Face files of the checkpoint `directory` in `out`, one megatron tensor in memory at a time."""
+def write_hf(out: str, directory: str, state: dict, train_cfg, out_dtype, max_shard_bytes: int, log,
+             peft_adapter: bool = False) -> None:
+    """The Hugging Face files of the checkpoint `directory` in `out`, one megatron tensor in memory at a time (a
+    LoRA run's: merged, or `peft_adapter` alone)."""
     m = train_cfg.model
     single_process_group()
     sharded = meta_sharded_state_dict(train_cfg, state["vocab_size"])
@@ -121,12 +133,26 @@ def write_hf(out: str, directory: str, state: dict, train_cfg, out_dtype, max_sh
             cache[local_key] = read_megatron_tensor(reader, local_key, sharded[local_key])
         return cache[local_key]
 
+    def read_adapter(key):
+        return read_megatron_tensor(reader, key, sharded[key])
+
+    os.makedirs(out)
+    if peft_adapter:
+        write_peft_adapter(out, m, train_cfg.lora, read_adapter, out_dtype, train_cfg.checkpoint.init)
+        log(f"wrote the PEFT adapter (rank {train_cfg.lora.rank}) of {directory}")
+        return
     meta = lambda key: torch.empty(sharded[key].data.shape, device="meta")  # noqa: E731
     family = family_for_model(m, (state.get("hf") or {}).get("config"))
     names, index = hf_names(m, family), _index_hf_names(family, m)
     shapes = {n: tuple(hf_from_megatron(n, meta, m, family, index).shape) for n in names}
-    os.makedirs(out)
-    tensors = ((n, hf_from_megatron(n, get, m, family, index).to(out_dtype).contiguous()) for n in names)
+
+    def hf_tensor(n):
+        tensor = hf_from_megatron(n, get, m, family, index)
+        if train_cfg.lora.rank > 0:
+            tensor = merged(n, tensor, read_adapter, train_cfg.lora)
+        return tensor.to(out_dtype).contiguous()
+
+    tensors = ((n, hf_tensor(n)) for n in names)
     write_safetensors(out, names, shapes, out_dtype, tensors, max_shard_bytes, log)
     write_hf_side_files(out, state, m, out_dtype)
 
@@ -148,7 +174,7 @@ def verify(hf_dir: str, megatron_dir: str, num_sequences: int = 4, length: int =
     cfg = from_dict(TrainConfig, state["config"], megatron_dir)
     cfg.model.spec = "local"
     model, _ = build_model(cfg, RolePrecision(cfg.precision.dtype), state["vocab_size"], torch.device("cpu"),
-                           initialize=False)
+                           initialize=False, adapters=cfg.lora.rank > 0)
     checkpoint.load(megatron_dir, model)
     model = model.float().eval()
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

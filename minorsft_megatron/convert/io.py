@@ -105,6 +105,12 @@ def meta_sharded_state_dict(train_cfg, vocab_size: int) -> dict:
     config = transformer_config(model_cfg, ParallelConfig(), RolePrecision(train_cfg.precision.dtype), "meta")
     with torch.device("meta"):
         model = gpt_from_config(model_cfg, config, checkpoint_vocab_size(vocab_size), True, True)
+    if train_cfg.lora.rank > 0:  # a LoRA run's adapters (small: real tensors, unlike the base's)
+        from megatron.core import parallel_state
+
+        from minorsft_megatron.lora import add_adapters
+
+        add_adapters(model, train_cfg.lora, config, train_cfg.seed, parallel_state.get_tensor_model_parallel_group())
     return model.sharded_state_dict()
 
 

@@ -1,0 +1,214 @@
+"""LoRA against transformers with peft in float64: a tiny Llama's per-sample answer log-prob sums and every
+adapter's gradient for one MinorSFT step at (TP, PP, DP) = (1,1,2), (2,1,1) with SP, (1,2,1); and training with
+reference.mode: base (step-1 weights exactly 1, the same losses as a co-located reference of the base, base
+weights untouched)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.convert_workers import make_hf_model
+from tests.distributed import spawn
+from tests.lora_workers import lora_step
+from tests.moe_workers import answer_mask
+
+RANK, ALPHA, BETA = 4, 8.0, 0.04
+ROWS, LENGTH = 4, 17
+PROMPTS = [3, 6, 9, 12]
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """(HF directory, converted megatron checkpoint) of a tiny random Llama."""
+    root = tmp_path_factory.mktemp("lora")
+    hf = make_hf_model("llama", str(root / "hf"))
+    subprocess.run([sys.executable, "-c", "import sys; from minorsft_megatron.convert import hf_to_megatron; "
+                    "hf_to_megatron(sys.argv[1], sys.argv[2], dtype='fp32', log=lambda *_: None)", hf,
+                    str(root / "megatron")], check=True, timeout=300)
+    return hf, str(root / "megatron")
+
+
+def peft_model(hf_dir):
+    """The base in float64 with PEFT LoRA adapters on every linear, A and B random (so every path matters)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64)
+    torch.manual_seed(1)
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=MODULES, init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+def adapter_parameters(model) -> dict:
+    """{(module name, 'a' or 'b'): parameter} of a PEFT model, by the base model's module names."""
+    found = {}
+    for name, param in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            module = name.split("base_model.model.", 1)[1].split(".lora_")[0]
+            found[(module, "a" if ".lora_A." in name else "b")] = param
+    return found
+
+
+def reference_step(model, tokens, ref_logp_sum):
+    """Per-sample answer log-prob sums and the adapters' gradients of one MinorSFT step, in float64."""
+    mask = answer_mask(tokens, PROMPTS).double()
+    logp = model(tokens[:, :-1]).logits.log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+    logp_sum, m = (logp * mask).sum(1), mask.sum(1)
+    weight = 2 * torch.sigmoid(-BETA * (logp_sum - ref_logp_sum)).detach()
+    (-(weight * logp_sum / m).sum() / (m > 0).sum()).backward()
+    return logp_sum.detach(), {k: p.grad for k, p in adapter_parameters(model).items()}
+
+
+def local_slice(full: torch.Tensor, key, column: bool, tp: tuple[int, int]) -> torch.Tensor:
+    """The part of a full adapter tensor a TP rank holds (lora.AdapterSet.load_full's split)."""
+    size, rank = tp
+    if column:
+        return full if key[1] == "a" else full.chunk(size, dim=0)[rank]
+    return full.chunk(size, dim=1)[rank] if key[1] == "a" else full
+
+
+@pytest.mark.parametrize("layout", [(1, 1), (2, 1), (1, 2)])  # (tp, pp) on 2 processes: DP 2, TP 2 + SP, PP 2
+def test_log_probs_and_adapter_gradients_match_peft(base, tmp_path, layout):
+    hf, ckpt = base
+    tokens = torch.randint(0, 300, (ROWS, LENGTH), generator=torch.Generator().manual_seed(3))
+    ref_logp_sum = -torch.linspace(20.0, 60.0, ROWS, dtype=torch.float64)
+    model = peft_model(hf)
+    adapters = {}
+    for (module, kind), param in adapter_parameters(model).items():
+        adapters.setdefault(module, {})[kind] = param.detach().float()
+    adapters = {m: (v["a"], v["b"]) for m, v in adapters.items()}
+    assert len(adapters) == 2 * len(MODULES)  # two layers
+    want_logp, want_grads = reference_step(model, tokens, ref_logp_sum)
+    ranks = spawn(2, lora_step, ckpt, layout, tokens, PROMPTS, ref_logp_sum, adapters, RANK, ALPHA, 2,
+                  out_dir=tmp_path / "job", timeout=300)
+    scored = [r for r in ranks if r["logp_sum"] is not None]
+    assert scored
+    for r in scored:
+        got = r["logp_sum"].double()
+        assert float((got - want_logp[r["rows"]]).abs().max() / want_logp.abs().max()) <= 1e-5
+    seen = set()
+    for r in ranks:
+        for key, got in r["grads"].items():
+            want = local_slice(want_grads[key], key, key in r["column"], r["tp"])
+            err = float((got.double() - want).abs().max() / want.abs().max())
+            assert err <= 1e-5, (key, err)
+            seen.add(key)
+    assert seen == set(want_grads)
+
+
+def test_training_with_the_base_as_reference(tmp_path, data_prefix):
+    """fp32, DP 2 with the distributed optimizer, from a converted Llama: reference.mode base gives step-1 weights
+    exactly 1 and m_theta 0 and the same losses over 4 steps as a co-located reference holding the base's weights;
+    only the adapters train."""
+    import yaml
+
+    from tests.test_convert import tensors
+    from tests.train_workers import metrics, run_commands, tiny_config
+
+    hf = make_hf_model("llama", str(tmp_path / "hf"), vocab_size=1024)
+    subprocess.run([sys.executable, "-c", "import sys; from minorsft_megatron.convert import hf_to_megatron; "
+                    "hf_to_megatron(sys.argv[1], sys.argv[2], dtype='fp32', log=lambda *_: None)", hf,
+                    str(tmp_path / "init")], check=True, timeout=300)
+    config = tiny_config(tmp_path, data_prefix, optimizer={"lr": 1e-2})
+    settings = yaml.safe_load(open(config))
+    del settings["model"]  # the checkpoint's
+    open(config, "w").write(yaml.safe_dump(settings))
+    common = ["--config", config, f"checkpoint.init={tmp_path / 'init'}", "train_steps=4", "model.spec=local",
+              "optimizer.distributed=true", "lora.rank=4", "lora.alpha=8"]
+    halves = common + [f"output_dir={tmp_path / 'halves'}", "checkpoint.optimizer_sharding=fully_reshardable"]
+    spawn(2, run_commands, [("train", common + [f"output_dir={tmp_path / 'base'}"]),
+                            ("train", common + [f"output_dir={tmp_path / 'colocated'}", "reference.mode=colocated"]),
+                            ("train", halves + ["stop_at_step=2"]), ("train", halves + ["parallel.tp=2",
+                                                                                        "parallel.sp=true"])],
+          out_dir=tmp_path / "job", timeout=400)
+    base, colocated = metrics(tmp_path / "base"), metrics(tmp_path / "colocated")
+    resumed = metrics(tmp_path / "halves")  # steps 3-4 at TP 2: the adapters and their Adam state resharded
+    assert resumed[:2] == base[:2] and all(abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"]
+                                           for a, b in zip(resumed[2:], base[2:]))
+    assert base[0]["weight_min"] == base[0]["weight_max"] == 1.0 and base[0]["m_theta"] == 0.0
+    assert base[-1]["m_theta"] != 0.0 and base[-1]["loss"] < base[0]["loss"]
+    for a, b in zip(base, colocated):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(b["loss"]) and abs(a["m_theta"] - b["m_theta"]) <= 1e-6
+    subprocess.run([sys.executable, "-c", SAME_BASE, str(tmp_path / "init"), str(tmp_path / "base" / "checkpoints")],
+                   check=True, timeout=300)
+    exports_match_score(tmp_path, hf, tmp_path / "base" / "checkpoints", data_prefix)
+
+
+SAME_BASE = """
+import sys, torch
+from minorsft_megatron import checkpoint, lora
+from minorsft_megatron.config import TrainConfig, from_dict
+from minorsft_megatron.convert.io import DistCheckpointReader, meta_sharded_state_dict, read_megatron_tensor, single_process_group
+single_process_group()
+init, trained = (checkpoint.resolve(p) for p in sys.argv[1:])
+cfg = from_dict(TrainConfig, checkpoint.read_state(init)["config"], init)
+sharded = meta_sharded_state_dict(cfg, checkpoint.read_state(init)["vocab_size"])
+a, b = DistCheckpointReader(init), DistCheckpointReader(trained)
+keys = [k for k, v in sharded.items() if getattr(v, "data", None) is not None]
+assert keys and not any(lora.is_adapter_key(k) for k in keys)
+for key in keys:
+    assert torch.equal(read_megatron_tensor(a, key, sharded[key]), read_megatron_tensor(b, key, sharded[key])), key
+"""
+"""Every base tensor of a trained LoRA checkpoint equals the starting checkpoint's, bit for bit."""
+
+
+def exports_match_score(tmp_path, hf, trained, data_prefix):
+    """The merged export and the PEFT adapter on the original base, each in transformers, against our `score`."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from minorsft_megatron.data.dataset import SFTDataset
+    from tests.train_workers import run_commands
+
+    for kind in ("merged", "peft"):
+        subprocess.run([sys.executable, "tools/convert_checkpoint.py", "megatron-to-hf", "--load", str(trained),
+                        "--out", str(tmp_path / kind), "--lora", kind], check=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    scores = tmp_path / "scores.jsonl"
+    spawn(2, run_commands, [("score", ["--load", str(trained), "--data", data_prefix, "--out", str(scores),
+                                       "--precision", "fp32"])], out_dir=tmp_path / "score_job", timeout=300)
+    ours = {row["index"]: row["logp_sum"] for row in map(json.loads, open(scores))}
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float64)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float64),
+                                        str(tmp_path / "peft"))
+    dataset = SFTDataset(data_prefix)
+    for i in range(0, len(dataset.lengths), 200):
+        tokens = torch.from_numpy(dataset.tokens(i))
+        answer = torch.from_numpy(dataset.answer_mask(i).astype(bool))[1:]
+        for model in (merged, adapted):
+            with torch.no_grad():
+                logp = model(tokens[None, :-1]).logits[0].log_softmax(-1).gather(-1, tokens[1:, None])[:, 0]
+            want = float(logp[answer].sum())
+            assert abs(ours[i] - want) <= 1e-5 * abs(want), (i, type(model).__name__, ours[i], want)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["lora.rank=4", "lora.target_modules=[linear_qkv, q_proj]"],
+     r"lora.target_modules\[1\]: 'q_proj' is not a linear of the model"),
+    (["lora.rank=65"], r"lora.rank: 65 is larger than the model's smallest adapted dimension \(32\)"),
+    (["lora.rank=4", "lora.dropout=0.1"], r"lora.dropout: only 0 is built"),
+    (["reference.mode=base"], r"reference.mode: base \(the policy with its adapters off\) needs LoRA"),
+    (["lora.rank=4", "model.num_experts=4"], r"lora: LoRA on mixture-of-experts models is not built yet"),
+])
+def test_lora_settings_are_refused_in_one_line(tmp_path, data_prefix, overrides, message):
+    from minorsft_megatron.config import ConfigError, load_config
+    from tests.train_workers import tiny_config
+
+    with pytest.raises(ConfigError, match=r"^(command line|\S+config\.yaml): " + message):
+        load_config(tiny_config(tmp_path, data_prefix), overrides)
+
+
+def test_lora_defaults_to_the_base_reference(tmp_path, data_prefix):
+    from minorsft_megatron.config import load_config
+    from tests.train_workers import tiny_config
+
+    config = tiny_config(tmp_path, data_prefix)
+    assert load_config(config, ["lora.rank=4"]).reference.mode == "base"
+    assert load_config(config).reference.mode == "colocated"
+    assert load_config(config, ["lora.rank=4", "reference.mode=colocated"]).reference.mode == "colocated"
