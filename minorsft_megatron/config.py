@@ -393,9 +393,14 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
         from minorsft_megatron.checkpoint import CheckpointError, read_state
 
         try:
-            saved_model = read_state(config.checkpoint.init)["config"]["model"]
+            state = read_state(config.checkpoint.init)
         except CheckpointError as err:
             raise ConfigError(f"{path}: checkpoint.init: {err}")
+        saved, trained = state["config"], "scheduler" in state  # a training run's, not a starting checkpoint
+        saved_model = saved["model"]
+        _require(not trained or (saved.get("lora") or {}).get("rank", 0) == 0, path, "checkpoint.init",
+                 f"{config.checkpoint.init} is a LoRA run's checkpoint (base and adapters): resume it with "
+                 "checkpoint.load, or start from its merged export (megatron-to-hf, then hf-to-megatron)")
         adopt_model_config(config, saved_model, set(data.get("model") or {}), path, config.checkpoint.init)
     validate(config, path)
     return config

@@ -125,13 +125,27 @@ class AdapterSet(torch.nn.Module):
             getattr(self, f"{part}_b").copy_(b.chunk(t, dim=0)[r] if self.column else b)
 
 
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: megatron-core's frozen-weight linear multiplies the
+    incoming gradient as it comes, and a strided bf16 one is two orders of magnitude slower on CPU (measured: 535 ms
+    against 3.4 ms for [128, 4, 5632] x [5632, 1024])."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def _add_adapters(module, args, output):
     """Forward hook of a base linear: (output, bias) -> (output + adapters(input), bias)."""
     adapters = module.lora
     if not adapters.enabled:
         return output
     out, bias = output
-    return out + adapters(args[0]), bias
+    return _ContiguousGradient.apply(out) + adapters(args[0]), bias
 
 
 def _sharded_state_dict_with_adapters(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):

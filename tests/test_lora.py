@@ -123,9 +123,14 @@ def test_training_with_the_base_as_reference(tmp_path, data_prefix):
     spawn(2, run_commands, [("train", common + [f"output_dir={tmp_path / 'base'}"]),
                             ("train", common + [f"output_dir={tmp_path / 'colocated'}", "reference.mode=colocated"]),
                             ("train", halves + ["stop_at_step=2"]), ("train", halves + ["parallel.tp=2",
-                                                                                        "parallel.sp=true"])],
+                                                                                        "parallel.sp=true"]),
+                            ("train", common + [f"output_dir={tmp_path / 'bf16'}", "precision.dtype=bf16",
+                                                "train_steps=2"])],
           out_dir=tmp_path / "job", timeout=400)
     base, colocated = metrics(tmp_path / "base"), metrics(tmp_path / "colocated")
+    bf16 = metrics(tmp_path / "bf16")  # bf16 weights, fp32 main weights: the base reference is still exact
+    assert bf16[0]["weight_min"] == bf16[0]["weight_max"] == 1.0 and bf16[0]["m_theta"] == 0.0
+    assert bf16[1]["m_theta"] != 0.0
     resumed = metrics(tmp_path / "halves")  # steps 3-4 at TP 2: the adapters and their Adam state resharded
     assert resumed[:2] == base[:2] and all(abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"]
                                            for a, b in zip(resumed[2:], base[2:]))
@@ -136,6 +141,41 @@ def test_training_with_the_base_as_reference(tmp_path, data_prefix):
     subprocess.run([sys.executable, "-c", SAME_BASE, str(tmp_path / "init"), str(tmp_path / "base" / "checkpoints")],
                    check=True, timeout=300)
     exports_match_score(tmp_path, hf, tmp_path / "base" / "checkpoints", data_prefix)
+    greedy_matches_the_merged_export(tmp_path, tmp_path / "base" / "checkpoints")
+    from minorsft_megatron.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"checkpoint.init: .* is a LoRA run's checkpoint \(base and adapters\): "
+                                          r"resume it with checkpoint.load"):
+        load_config(config, [f"checkpoint.init={tmp_path / 'base' / 'checkpoints' / 'iter_0000004'}"])
+
+
+def greedy_matches_the_merged_export(tmp_path, trained):
+    """`generate` at TP 2 on the LoRA checkpoint gives transformers' greedy tokens of the merged export."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from minorsft_megatron.data.templates import resolve_template
+    from minorsft_megatron.data.tokenizer import load_tokenizer
+    from minorsft_megatron.generate import generate, parse_args, read_prompts, stop_ids
+    from tests.tokenizers_for_tests import DATA, SENTENCEPIECE_MODEL
+
+    records = tmp_path / "eval.jsonl"
+    records.write_text("".join(open(os.path.join(DATA, "sft_eval.jsonl")).readlines()[:3]))
+    out = tmp_path / "answers.jsonl"
+    spawn(2, generate, parse_args(["--load", str(trained), "--tp", "2", "--jsonl", str(records), "--tokenizer",
+                                   SENTENCEPIECE_MODEL, "--chat-template", "chatml", "--out", str(out),
+                                   "--max-new-tokens", "5", "--batch-size", "1"]), out_dir=tmp_path / "gen", timeout=300)
+    tok = load_tokenizer(SENTENCEPIECE_MODEL)
+    prompts, stops = read_prompts(str(records), tok, resolve_template("chatml", tok)), sorted(stop_ids(tok))
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    for row, (prompt, _) in zip(map(json.loads, open(out)), prompts):
+        with torch.no_grad():
+            full = merged.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=stops,
+                                   pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        expected = full[0, len(prompt):].tolist()
+        assert row["generated_ids"] == expected[: next((i for i, t in enumerate(expected) if t in stops),
+                                                       len(expected))]
 
 
 SAME_BASE = """
