@@ -4,6 +4,7 @@ repeated measurements are reported."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import statistics
@@ -12,6 +13,8 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART_DATA = os.path.join("runs", "data", "sft_train")
+WARMUP_STEPS = 3
+"""Steps of a timed training run left out of its step time."""
 """The dataset examples/tiny_cpu.yaml reads (relative to the repository), written by examples/quickstart.sh."""
 
 
@@ -65,3 +68,17 @@ def spread(values: list[float], digits: int) -> str:
     if len(values) == 1:
         return f"{mid:.{digits}f}"
     return f"{mid:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def torchrun(nproc: int, module: str, args: list[str]) -> None:
+    """`python -m minorsft_megatron.launch` of `module` on `nproc` processes (a rendezvous port picked by pid)."""
+    cmd = [sys.executable, "-m", "minorsft_megatron.launch", "--nproc-per-node", str(nproc), "--master-port",
+           str(29400 + os.getpid() % 500), "-m", module, *args]
+    run_child(cmd, module)
+
+
+def step_time_and_memory(run_dir: str) -> tuple[float, float]:
+    """A training run's median seconds per step after WARMUP_STEPS, and its peak memory (GiB), from metrics.jsonl."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    timed = [r["seconds_per_iteration"] for r in rows[WARMUP_STEPS:]]
+    return statistics.median(timed), max(r["memory_gib"] for r in rows)

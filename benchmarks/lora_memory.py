@@ -19,33 +19,18 @@ over LoRA sft <= 1.35.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import tempfile
 
-from children import config_data_prefix, ensure_dataset, run_child, spread
+from children import WARMUP_STEPS, config_data_prefix, ensure_dataset, spread, step_time_and_memory, torchrun
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WARMUP_STEPS = 3
 
 VARIANTS = {
     "full minor_sft, co-located reference": ["loss.name=minor_sft", "lora.rank=0", "reference.mode=colocated"],
     "lora minor_sft, base reference": ["loss.name=minor_sft", "reference.mode=base"],
     "lora sft, no reference": ["loss.name=sft", "reference.mode=none"],
 }
-
-
-def torchrun(nproc: int, module: str, args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "minorsft_megatron.launch", "--nproc-per-node", str(nproc), "--master-port",
-           str(29900 + os.getpid() % 90), "-m", module, *args]
-    run_child(cmd, module)
-
-
-def measure(run_dir: str) -> tuple[float, float]:
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return statistics.median(r["seconds_per_iteration"] for r in rows[WARMUP_STEPS:]), max(r["memory_gib"] for r in rows)
 
 
 def main() -> int:
@@ -65,7 +50,7 @@ def main() -> int:
     ensure_dataset(config_data_prefix(args.config))
     model = [f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}", f"model.ffn_hidden_size={args.ffn}",
              f"model.num_attention_heads={args.hidden // 64}", f"model.num_query_groups={max(1, args.hidden // 256)}",
-             f"parallel.tp=1", f"lora.rank={args.rank}", *args.overrides]
+             "parallel.tp=1", f"lora.rank={args.rank}", *args.overrides]
     results = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         init = os.path.join(tmp, "init")
@@ -77,7 +62,7 @@ def main() -> int:
             for i, (name, overrides) in enumerate(VARIANTS.items()):
                 run_dir = os.path.join(tmp, f"run{repeat}_{i}")
                 torchrun(args.nproc, "minorsft_megatron.train", [*base, f"output_dir={run_dir}", *overrides])
-                results[name].append(measure(run_dir))
+                results[name].append(step_time_and_memory(run_dir))
     full, lora_base, lora_sft = (results[n] for n in VARIANTS)
     print(f"config {args.config} with {args.layers} layers x hidden {args.hidden} (ffn {args.ffn}), LoRA rank "
           f"{args.rank}, {args.nproc} processes, {args.steps} steps x {args.repeats} repeats (median step time after "

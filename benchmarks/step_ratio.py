@@ -20,31 +20,16 @@ forward is a third of a forward-backward).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import tempfile
 
 import yaml
-from children import config_data_prefix, ensure_dataset, run_child, spread
+from children import WARMUP_STEPS, config_data_prefix, ensure_dataset, spread, step_time_and_memory, torchrun
 
 from minorsft_megatron.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WARMUP_STEPS = 3
-
-
-def torchrun(nproc: int, module: str, args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "minorsft_megatron.launch", "--nproc-per-node", str(nproc), "--master-port",
-           str(29400 + os.getpid() % 500), "-m", module, *args]
-    run_child(cmd, module)
-
-
-def measure(run_dir: str) -> tuple[float, float]:
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    timed = [r["seconds_per_iteration"] for r in rows[WARMUP_STEPS:]]
-    return statistics.median(timed), max(r["memory_gib"] for r in rows)
 
 
 VARIANTS = {
@@ -69,7 +54,7 @@ def measure_precision(args, cfg, tmp: str, precision: str) -> dict:
             run_dir = os.path.join(tmp, f"{precision}_run{repeat}_{i}")
             extra = [f"reference.cache={cache}"] if "reference.mode=cache" in overrides else []
             torchrun(args.nproc, "minorsft_megatron.train", [*base, f"output_dir={run_dir}", *overrides, *extra])
-            results[name].append(measure(run_dir))
+            results[name].append(step_time_and_memory(run_dir))
     return results
 
 

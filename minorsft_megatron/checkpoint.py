@@ -270,11 +270,10 @@ def load(path: str, model, optimizer=None, layout: dict | None = None, current_s
         raise _damaged(directory, err) from err
     if base_only:
         from minorsft_megatron.lora import is_adapter_key
+        from minorsft_megatron.model import unwrap
 
-        inner = model
-        while hasattr(inner, "module"):  # Float16Module's load_state_dict returns nothing
-            inner = inner.module
-        missing, unexpected = inner.load_state_dict(loaded["model"], strict=False)
+        # the GPTModel's own: Float16Module's load_state_dict returns nothing
+        missing, unexpected = unwrap(model).load_state_dict(loaded["model"], strict=False)
         if unexpected or not all(is_adapter_key(k) for k in missing):
             raise CheckpointError(f"{directory}: does not match the model: missing "
                                   f"{[k for k in missing if not is_adapter_key(k)][:3]}, unexpected {unexpected[:3]}")

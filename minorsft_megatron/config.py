@@ -639,7 +639,7 @@ def _validate_lora(c: TrainConfig, source: str) -> None:
     _require(bool(lo.target_modules) and len(set(lo.target_modules)) == len(lo.target_modules), source,
              "lora.target_modules", "must name each target once, at least one")
     d = m.kv_channels or m.hidden_size // m.num_attention_heads
-    smallest = min(m.hidden_size, (m.num_query_groups or m.num_attention_heads) * d, m.ffn_hidden_size)
+    smallest = min(m.hidden_size, _query_groups(m) * d, m.ffn_hidden_size)
     _require(lo.rank <= smallest, source, "lora.rank",
              f"{lo.rank} is larger than the model's smallest adapted dimension ({smallest})")
     _require(m.num_experts is None, source, "lora", "LoRA on mixture-of-experts models is not built yet")

@@ -106,7 +106,6 @@ def test_training_with_the_base_as_reference(tmp_path, data_prefix):
     only the adapters train."""
     import yaml
 
-    from tests.test_convert import tensors
     from tests.train_workers import metrics, run_commands, tiny_config
 
     hf = make_hf_model("llama", str(tmp_path / "hf"), vocab_size=1024)
