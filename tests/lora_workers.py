@@ -1,16 +1,21 @@
-"""Worker for the LoRA tests: one MinorSFT step of a converted base with given adapters at a layout, returning the
-per-sample log-prob sums (last pipeline stage) and every adapter's local gradient."""
+"""Worker for the LoRA tests: MinorSFT steps of a converted base with given adapters at a layout, through
+megatron-core's DDP and Adam (the distributed optimizer when asked), returning the per-sample log-prob sums (last
+pipeline stage), every adapter's local gradient and the optimizer's gradient norm at step 1, and whether the base
+weights stayed bit-identical over 4 steps."""
 
 from __future__ import annotations
 
 import torch
 
 
-def lora_step(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, adapters, rank, alpha, micro_batch_size):
+def lora_step(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, adapters, rank, alpha, micro_batch_size,
+              distributed_optimizer=False, steps=4):
     """`adapters`: {Hugging Face module name: (A [rank, in], B [out, rank])} full tensors (PEFT's). Returns
-    {"logp_sum": [n] or None, "grads": {(module, "a" or "b"): local gradient}, "tp": (size, rank)}."""
+    {"logp_sum": [n] or None, "grads": {(module, "a" or "b"): local gradient}, "grad_norm": float, "tp": (size, rank),
+    "base_unchanged": bool}."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from minorsft_megatron import checkpoint, lora, parallel
     from minorsft_megatron.config import LoraConfig, ParallelConfig, TrainConfig, from_dict
@@ -34,7 +39,11 @@ def lora_step(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, adapters, rank
         for part in adapter_set.parts:
             adapter_set.load_full(part, *adapters[f"model.layers.{number - 1}.{lora.HF_MODULES[adapter_set.target]}.{part}"])
     config.finalize_model_grads_func = finalize_model_grads
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer), model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=1e9, params_dtype=torch.float32,
+        use_distributed_optimizer=distributed_optimizer), [ddp])
     log_probs = output_log_probs(ddp, 16, state["vocab_size"], pgs.tp, tp > 1)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     rows = torch.arange(tokens.size(0)).chunk(dp)[dp_rank]
@@ -44,17 +53,60 @@ def lora_step(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, adapters, rank
                         sample_index=i) for i in rows.split(micro_batch_size)]
     with torch.no_grad():
         scored = forward_log_probs([ddp], batches, LogProbCollector(log_probs), s, micro_batch_size)
-    forward_backward([ddp], batches, SFTLossFunction("minor_sft", 0.04, log_probs), s, micro_batch_size)
-    grads = {}
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not lora.is_adapter_key(n)}
+    norms = []
+    for _ in range(steps):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        forward_backward([ddp], batches, SFTLossFunction("minor_sft", 0.04, log_probs), s, micro_batch_size)
+        if not norms:
+            grads = full_gradients(ddp, model, distributed_optimizer)
+        updated, grad_norm, _ = optimizer.step()
+        assert updated
+        norms.append(grad_norm)
+    frozen = [n for n, p in model.named_parameters() if n in base and (p.requires_grad or hasattr(p, "main_grad"))]
+    assert not frozen, f"base weights must be frozen, with no gradient buffer: {frozen[:3]}"
+    base_unchanged = all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    return {"logp_sum": None if scored is None else scored.logp_sum, "rows": rows, "grads": grads,
+            "grad_norm": float(norms[0]), "base_unchanged": base_unchanged,
+            "tp": (pgs.tp.size(), pgs.tp.rank()), "column": {k for k in grads if k[0].split(".")[-1] in COLUMN}}
+
+
+def full_gradients(ddp, model, distributed_optimizer: bool) -> dict:
+    """{(module, kind): gradient} of this rank's adapters from megatron-core's gradient buffers; the distributed
+    optimizer reduce-scatters each bucket over DP, so its shards are gathered first (into copies)."""
+    from megatron.core import parallel_state
+
+    grads = {k: p.main_grad.clone() for k, p in adapter_tensors(model).items()}
+    if not distributed_optimizer:
+        return grads
+    group, views = parallel_state.get_data_parallel_group(), {}
+    for buffer in ddp.buffers:
+        for bucket in buffer.buckets:
+            gathered = torch.empty_like(bucket.grad_data)
+            torch.distributed.all_gather_into_tensor(
+                gathered, bucket.grad_data.chunk(group.size())[group.rank()].contiguous(), group=group)
+            for param in bucket.params:
+                views[id(param)] = (bucket, gathered)
+    for key, param in adapter_tensors(model).items():
+        bucket, gathered = views[id(param)]
+        offset = param.main_grad.data_ptr() - bucket.grad_data.data_ptr()
+        start = offset // param.main_grad.element_size()
+        grads[key] = gathered[start:start + param.numel()].view_as(param)
+    return grads
+
+
+def adapter_tensors(model) -> dict:
+    """{(Hugging Face module name, "a" or "b"): parameter} of this rank's adapters."""
+    from minorsft_megatron import lora
+
+    found = {}
     for number, adapter_set in lora.adapter_sets(model):
         module = f"model.layers.{number - 1}.{lora.HF_MODULES[adapter_set.target]}"
         for part in adapter_set.parts:
             for kind in "ab":
-                grads[(f"{module}.{part}", kind)] = getattr(adapter_set, f"{part}_{kind}").main_grad.clone()
-    base_grads = [p for n, p in model.named_parameters() if not lora.is_adapter_key(n) and p.requires_grad]
-    assert not base_grads, "base weights must be frozen"
-    return {"logp_sum": None if scored is None else scored.logp_sum, "rows": rows, "grads": grads,
-            "tp": (pgs.tp.size(), pgs.tp.rank()), "column": {k for k in grads if k[0].split(".")[-1] in COLUMN}}
+                found[(f"{module}.{part}", kind)] = getattr(adapter_set, f"{part}_{kind}")
+    return found
 
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
