@@ -5,6 +5,8 @@ Layout of a save directory (Megatron's):
                                 config, scheduler, iteration, consumed samples, identities and the distributed
                                 optimizer's sharding type (`optimizer_sharding`); rng/ per-rank RNG
   SAVE/latest_checkpointed_iteration.txt
+A LoRA run that starts from a checkpoint saves its adapters (and their optimizer state) alone, with the base's
+path and identity in `state.base`: loading it loads that base first, refused in one line if it has changed.
 A checkpoint is written to `iter_XXXXXXX.tmp`, renamed when every rank has finished, and only then named in
 the tracker file (itself replaced by rename). A process killed while saving leaves the previous checkpoint
 complete and selected; the stale `.tmp` is removed by the next save.
@@ -153,15 +155,15 @@ def read_state(path: str) -> dict:
 
 
 def _model_and_optimizer(model, optimizer, loading: bool, optimizer_sharding: str | None,
-                         without_adapters: bool = False) -> dict:
+                         adapters: bool | None = None) -> dict:
     """The sharded state dicts to save or load. `optimizer_sharding`: the distributed optimizer's
-    distrib_optim_sharding_type (None for the other optimizers). `without_adapters`: the model's LoRA adapters
-    left out (loading a base checkpoint into an adapted model)."""
+    distrib_optim_sharding_type (None for the other optimizers). `adapters`: None, the whole model; False, the
+    model without its LoRA adapters (a base checkpoint into an adapted model); True, the adapters alone."""
     from minorsft_megatron.lora import is_adapter_key
 
     model_sd = model.sharded_state_dict()
-    if without_adapters:
-        model_sd = {k: v for k, v in model_sd.items() if not is_adapter_key(k)}
+    if adapters is not None:
+        model_sd = {k: v for k, v in model_sd.items() if is_adapter_key(k) == adapters}
     entries = {"model": model_sd}
     if optimizer is not None:
         metadata = None if optimizer_sharding is None else {"distrib_optim_sharding_type": optimizer_sharding}
@@ -199,7 +201,8 @@ def new_checkpoint_id() -> str:
 def save(save_dir: str, iteration: int, model, optimizer, state: dict, keep: int | None = None,
          optimizer_sharding: str | None = None) -> str:
     """Save on every rank (collective); returns the checkpoint directory. `state` must be the same on all ranks;
-    `optimizer_sharding` is the distributed optimizer's sharding type (recorded in the state), None otherwise."""
+    `optimizer_sharding` is the distributed optimizer's sharding type (recorded in the state), None otherwise.
+    A `state["base"]` ({"path", "checkpoint_id"} of the checkpoint a LoRA run adapts) saves the adapters alone."""
     from megatron.core import dist_checkpointing
 
     final = iteration_dir(save_dir, iteration)
@@ -209,7 +212,8 @@ def save(save_dir: str, iteration: int, model, optimizer, state: dict, keep: int
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    entries = _model_and_optimizer(model, optimizer, loading=False, optimizer_sharding=optimizer_sharding)
+    entries = _model_and_optimizer(model, optimizer, loading=False, optimizer_sharding=optimizer_sharding,
+                                   adapters=True if state.get("base") else None)
     entries["state"] = dict(state, checkpoint_id=new_checkpoint_id(), iteration=iteration,
                             optimizer_sharding=optimizer_sharding)
     try:
@@ -249,6 +253,35 @@ def _prune(save_dir: str, keep: int | None) -> None:
         shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
 
 
+def _load_part(model, state_dict: dict, adapters: bool, directory: str) -> None:
+    """Load the model's adapters alone, or everything but them, from `state_dict`."""
+    from minorsft_megatron.lora import is_adapter_key
+    from minorsft_megatron.model import unwrap
+
+    # the GPTModel's own: Float16Module's load_state_dict returns nothing
+    missing, unexpected = unwrap(model).load_state_dict(state_dict, strict=False)
+    left = [k for k in missing if is_adapter_key(k) == adapters]
+    if unexpected or left:
+        raise CheckpointError(f"{directory}: does not match the model: missing {left[:3]}, unexpected "
+                              f"{unexpected[:3]}")
+
+
+def base_of(directory: str, state: dict) -> str | None:
+    """The base checkpoint an adapters-only checkpoint (`state` read from `directory`) needs, checked to be the one
+    it was trained on; None for a checkpoint that holds its whole model."""
+    base = state.get("base")
+    if not base:
+        return None
+    path = base["path"]
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{directory}: holds LoRA adapters only and its base checkpoint {path} is gone")
+    found = read_state(path)["checkpoint_id"]
+    if found != base["checkpoint_id"]:
+        raise CheckpointError(f"{directory}: its base checkpoint {path} has changed (checkpoint {found}, the "
+                              f"adapters were trained on {base['checkpoint_id']})")
+    return path
+
+
 def load(path: str, model, optimizer=None, layout: dict | None = None, current_schedule: bool = False,
          base_only: bool = False) -> dict:
     """Load `path` (a checkpoint or a save directory) into `model` (and `optimizer`); returns its state.
@@ -256,29 +289,29 @@ def load(path: str, model, optimizer=None, layout: dict | None = None, current_s
     The RNG states are restored only when `layout` is the layout the checkpoint was saved under.
     `current_schedule`: the optimizer's parameter groups keep their current lr and wd values (a schedule
     recomputed from this run's config), not the checkpoint's. `base_only`: every weight but `model`'s LoRA
-    adapters, which keep their starting values (a base checkpoint)."""
+    adapters, which keep their starting values (a base checkpoint). An adapters-only checkpoint loads its base
+    (base_of) first."""
     from megatron.core import dist_checkpointing
 
     directory = resolve(path)
     state = read_state(directory)
+    base = base_of(directory, state)
+    if base is not None:
+        if base_only:
+            raise CheckpointError(f"{directory}: holds LoRA adapters only, not a base model")
+        load(base, model, base_only=True)
+    part = False if base_only else (True if base else None)  # the model without, or only, its adapters
     entries = _model_and_optimizer(model, optimizer, loading=True,
-                                   optimizer_sharding=state.get("optimizer_sharding"), without_adapters=base_only)
+                                   optimizer_sharding=state.get("optimizer_sharding"), adapters=part)
     try:
         with _without_torch_metadata_fallback_notes():
             loaded = dist_checkpointing.load(entries, directory)
     except READ_FAILURES as err:  # a damaged file fails in many ways, deep inside torch
         raise _damaged(directory, err) from err
-    if base_only:
-        from minorsft_megatron.lora import is_adapter_key
-        from minorsft_megatron.model import unwrap
-
-        # the GPTModel's own: Float16Module's load_state_dict returns nothing
-        missing, unexpected = unwrap(model).load_state_dict(loaded["model"], strict=False)
-        if unexpected or not all(is_adapter_key(k) for k in missing):
-            raise CheckpointError(f"{directory}: does not match the model: missing "
-                                  f"{[k for k in missing if not is_adapter_key(k)][:3]}, unexpected {unexpected[:3]}")
-    else:
+    if part is None:
         model.load_state_dict(loaded["model"])
+    else:
+        _load_part(model, loaded["model"], adapters=part, directory=directory)
     if optimizer is not None:
         saved = loaded["optimizer"]
         optimizer.load_state_dict(compat.with_current_schedule(saved, optimizer.param_groups) if current_schedule

@@ -399,7 +399,7 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
         saved, trained = state["config"], "scheduler" in state  # a training run's, not a starting checkpoint
         saved_model = saved["model"]
         _require(not trained or (saved.get("lora") or {}).get("rank", 0) == 0, path, "checkpoint.init",
-                 f"{config.checkpoint.init} is a LoRA run's checkpoint (base and adapters): resume it with "
+                 f"{config.checkpoint.init} is a LoRA run's checkpoint (adapters): resume it with "
                  "checkpoint.load, or start from its merged export (megatron-to-hf, then hf-to-megatron)")
         adopt_model_config(config, saved_model, set(data.get("model") or {}), path, config.checkpoint.init)
     validate(config, path)

@@ -366,7 +366,16 @@ def state_to_save(run: Run) -> dict:
     """The checkpoint's common `state` entry: what resuming, scoring and conversion read back."""
     return {"config": to_dict(run.cfg), "vocab_size": run.vocab, "scheduler": run.policy.scheduler.state_dict(),
             "consumed_samples": run.consumed, "dataset_fingerprint": run.dataset.fingerprint,
-            "start_checkpoint_id": run.start_id, "layout": layout(run.cfg), "hf": run.hf_origin}
+            "start_checkpoint_id": run.start_id, "layout": layout(run.cfg), "hf": run.hf_origin,
+            "base": lora_base(run.cfg, run.start_id)}
+
+
+def lora_base(cfg: TrainConfig, start_id: str | None) -> dict | None:
+    """The checkpoint a LoRA run adapts, {"path", "checkpoint_id"}: its checkpoints then hold the adapters alone
+    (checkpoint.save). None without LoRA, or from a random base (saved whole)."""
+    if cfg.lora.rank == 0 or cfg.checkpoint.init is None:
+        return None
+    return {"path": os.path.abspath(checkpoint.resolve(cfg.checkpoint.init)), "checkpoint_id": start_id}
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ reference.mode: base (step-1 weights exactly 1, the same losses as a co-located 
 weights untouched)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -142,13 +143,13 @@ def test_training_with_the_base_as_reference(tmp_path, data_prefix):
     assert base[-1]["m_theta"] != 0.0 and base[-1]["loss"] < base[0]["loss"]
     for a, b in zip(base, colocated):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(b["loss"]) and abs(a["m_theta"] - b["m_theta"]) <= 1e-6
-    subprocess.run([sys.executable, "-c", SAME_BASE, str(tmp_path / "init"), str(tmp_path / "base" / "checkpoints")],
-                   check=True, timeout=300)
     exports_match_score(tmp_path, hf, tmp_path / "base" / "checkpoints", data_prefix)
     greedy_matches_the_merged_export(tmp_path, tmp_path / "base" / "checkpoints")
+    adapters_only(tmp_path / "base" / "checkpoints", tmp_path / "init", hf,
+                  common + [f"output_dir={tmp_path / 'base'}"])
     from minorsft_megatron.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"checkpoint.init: .* is a LoRA run's checkpoint \(base and adapters\): "
+    with pytest.raises(ConfigError, match=r"checkpoint.init: .* is a LoRA run's checkpoint \(adapters\): "
                                           r"resume it with checkpoint.load"):
         load_config(config, [f"checkpoint.init={tmp_path / 'base' / 'checkpoints' / 'iter_0000004'}"])
 
@@ -182,22 +183,36 @@ def greedy_matches_the_merged_export(tmp_path, trained):
                                                        len(expected))]
 
 
-SAME_BASE = """
-import sys, torch
-from minorsft_megatron import checkpoint, lora
-from minorsft_megatron.config import TrainConfig, from_dict
-from minorsft_megatron.convert.io import DistCheckpointReader, meta_sharded_state_dict, read_megatron_tensor, single_process_group
-single_process_group()
-init, trained = (checkpoint.resolve(p) for p in sys.argv[1:])
-cfg = from_dict(TrainConfig, checkpoint.read_state(init)["config"], init)
-sharded = meta_sharded_state_dict(cfg, checkpoint.read_state(init)["vocab_size"])
-a, b = DistCheckpointReader(init), DistCheckpointReader(trained)
-keys = [k for k, v in sharded.items() if getattr(v, "data", None) is not None]
-assert keys and not any(lora.is_adapter_key(k) for k in keys)
-for key in keys:
-    assert torch.equal(read_megatron_tensor(a, key, sharded[key]), read_megatron_tensor(b, key, sharded[key])), key
-"""
-"""Every base tensor of a trained LoRA checkpoint equals the starting checkpoint's, bit for bit."""
+def adapters_only(trained, init, hf, resume_args):
+    """A LoRA run's checkpoint holds the adapters (and their optimizer state) alone, naming its base; a base that
+    has changed or gone is refused in one line by whatever loads it."""
+    import shutil
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from minorsft_megatron import checkpoint
+    from minorsft_megatron.convert import megatron_to_hf
+
+    directory = checkpoint.resolve(str(trained))
+    keys = list(FileSystemReader(directory).read_metadata().state_dict_metadata)
+    assert any(".lora." in k for k in keys) and not [k for k in keys if k.endswith((".weight", ".bias"))]
+    base = checkpoint.read_state(directory)["base"]
+    assert base == {"path": os.path.abspath(checkpoint.resolve(str(init))),
+                    "checkpoint_id": checkpoint.read_state(str(init))["checkpoint_id"]}
+    shutil.copytree(init, f"{init}.kept")
+    shutil.rmtree(init)
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds LoRA adapters only and its base checkpoint .* gone"):
+        megatron_to_hf(str(trained), f"{init}.out")
+    shutil.copytree(f"{init}.kept", init)
+    assert checkpoint.base_of(directory, checkpoint.read_state(directory)) == base["path"]
+    subprocess.run([sys.executable, "-c", "import sys; from minorsft_megatron.convert import hf_to_megatron; "
+                    "hf_to_megatron(sys.argv[1], sys.argv[2], dtype='fp32', log=lambda *_: None, overwrite=True)", hf,
+                    str(init)], check=True, timeout=300)  # the same weights, converted again: another checkpoint
+    resumed = subprocess.run([sys.executable, "-m", "minorsft_megatron.train", *resume_args],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode != 0 and "Traceback" not in resumed.stderr
+    assert re.search(r"its base checkpoint .* has changed \(checkpoint \w+, the adapters were trained on \w+\)",
+                     resumed.stderr.strip().splitlines()[-1])
 
 
 def exports_match_score(tmp_path, hf, trained, data_prefix):

@@ -109,6 +109,7 @@ def megatron_to_hf(load: str, out: str, dtype: str | None = None, max_shard_byte
         raise ConversionError(f"--lora {lora}: one of {', '.join(LORA_OUTPUTS)}")
     if lora == "peft" and train_cfg.lora.rank == 0:
         raise ConversionError(f"--lora peft: {directory} is not a LoRA run's checkpoint (no adapters)")
+    checkpoint.base_of(directory, state)  # an adapters-only checkpoint's base is there, unchanged
     with building(out, "--out", overwrite, {"--load": load, "--load checkpoint": directory}) as tmp:
         write_hf(tmp, directory, state, train_cfg, TORCH_DTYPES[dtype or train_cfg.precision.dtype],
                  max_shard_bytes, log, peft_adapter=lora == "peft")
@@ -120,17 +121,21 @@ def write_hf(out: str, directory: str, state: dict, train_cfg, out_dtype, max_sh
              peft_adapter: bool = False) -> None:
     """The Hugging Face files of the checkpoint `directory` in `out`, one megatron tensor in memory at a time (a
     LoRA run's: merged, or `peft_adapter` alone)."""
+    from minorsft_megatron import checkpoint
+
     m = train_cfg.model
     single_process_group()
     sharded = meta_sharded_state_dict(train_cfg, state["vocab_size"])
     cache: dict[str, torch.Tensor] = {}
 
     reader = DistCheckpointReader(directory)
+    base = checkpoint.base_of(directory, state)  # a LoRA run's adapters-only checkpoint: the base's tensors
+    base_reader = reader if base is None else DistCheckpointReader(base)
 
     def get(local_key):
         if local_key not in cache:
             cache.clear()  # q/k/v and gate/up come one after another: one megatron tensor held at a time
-            cache[local_key] = read_megatron_tensor(reader, local_key, sharded[local_key])
+            cache[local_key] = read_megatron_tensor(base_reader, local_key, sharded[local_key])
         return cache[local_key]
 
     def read_adapter(key):
