@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from minorsft_megatron.errors import UserError
-from minorsft_megatron.loss import LOSSES
+from minorsft_megatron.loss import LOSSES, REF_SUMS
 
 DTYPES = ("bf16", "fp16", "fp32")
 OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
@@ -137,7 +137,7 @@ class PrecisionConfig:
 @dataclass
 class LossConfig:
     name: str = "minor_sft"
-    """sft | sft_seq | minor_sft | sft_dpo."""
+    """sft | sft_seq | minor_sft | sft_dpo | dft | iw_sft | iw_sft_token (README's losses table)."""
     beta: float = 0.04
     logprob_chunk_size: int = 256
     """Positions whose logits exist at a time: the output layer and the log-probs run fused, chunk by chunk,
@@ -182,8 +182,8 @@ class DataConfig:
 class ReferenceConfig:
     mode: str | None = None
     """colocated (a frozen second model beside the policy), cache (log-probs from `score`), base (LoRA: the policy
-    itself with its adapters off, no second copy), none (no reference: sft and sft_seq only; m_theta is then not
-    logged); None: base with LoRA, else colocated."""
+    itself with its adapters off, no second copy), none (no reference: sft, sft_seq and dft only; m_theta is then
+    not logged); None: base with LoRA, else colocated. A cache holds per-sample sums: not for iw_sft_token."""
     cache: str | None = None
     """Reference cache JSONL written by `python -m minorsft_megatron.score` (mode cache)."""
     precision: str = "bf16"
@@ -598,6 +598,9 @@ def _validate_reference(c: TrainConfig, source: str) -> None:
         _require(r.micro_batch_size >= 1 and r.micro_batch_size % d.micro_batch_size == 0, source,
                  "reference.micro_batch_size", f"must be a multiple of data.micro_batch_size {d.micro_batch_size}")
     if r.mode == "cache":
+        _require(LOSSES[c.loss.name].reads <= {REF_SUMS}, source, "reference.mode",
+                 f"cache holds per-sample sums; loss {c.loss.name} reads the reference's per-token log-probs "
+                 "(use colocated, or base with LoRA)")
         _require(r.cache is not None, source, "reference.cache", "is required with reference.mode: cache")
         _require(os.path.isfile(r.cache), source, "reference.cache", f"{r.cache}: no such file")
     _require(r.mode == "none" or c.model.moe_capacity_factor is None, source, "model.moe_capacity_factor",

@@ -25,10 +25,11 @@ from minorsft_megatron.logprobs import (
     OutputLogProbs,
     SequenceLogProbs,
     all_reduce,
+    answer_sums,
     concat_log_probs,
     sequence_log_probs,
 )
-from minorsft_megatron.loss import LossSpec, get_loss, loss_and_stats, metrics_from_stats
+from minorsft_megatron.loss import REF_TOKENS, LossSpec, get_loss, loss_and_stats, metrics_from_stats
 from minorsft_megatron.model import forward_kwargs, unwrap
 
 
@@ -51,10 +52,17 @@ class SFTLossFunction:
         self.counts_here = cp_group is None or dist.get_rank(cp_group) == 0
 
     def __call__(self, batch: SFTBatch, output: torch.Tensor):
-        logp_sum, num_answer_tokens, _ = sequence_log_probs(batch, output, self.log_probs, self.cp_group)
+        token_logp = self.log_probs(output, batch.labels)  # [b, s], differentiable
+        values = [token_logp, torch.ones_like(token_logp), token_logp.detach().exp()]  # log p_t, 1, p_t
+        if self.spec.level == "token":
+            if REF_TOKENS in self.spec.reads and batch.ref_token_logp is None:
+                raise ValueError("this loss reads the reference's per-token log-probs: the micro-batch has none")
+            values.append(self.spec.fn(token_logp, batch.ref_token_logp, self.beta))  # per-token loss [b, s]
+        sums = answer_sums(batch, values, self.cp_group)  # [3 or 4, n]
+        logp_sum, num_answer_tokens = sums[0], sums[1].detach().round().to(torch.int64)
         loss_sum, denominator, sum_stats, max_stats = loss_and_stats(
-            self.spec, logp_sum, batch.ref_logp_sum, num_answer_tokens, self.beta
-        )
+            self.spec, logp_sum, batch.ref_logp_sum, num_answer_tokens, self.beta,
+            token_loss_sum=sums[3] if len(values) == 4 else None, token_prob_sum=sums[2].detach())
         if not self.counts_here:
             denominator, sum_stats = denominator * 0, sum_stats * 0
         stats = {
@@ -159,8 +167,15 @@ def forward_backward(model: list, batches: list[SFTBatch], loss_function: SFTLos
 def forward_log_probs(model: list, batches: list[SFTBatch], collector: LogProbCollector, seq_length: int,
                       micro_batch_size: int) -> SequenceLogProbs | None:
     """Score `batches` forward-only; on the last pipeline stage every sample's log-probs in order, else None."""
-    parts = _run_schedule(model, batches, collector, seq_length, micro_batch_size, forward_only=True)
+    parts = forward_log_prob_parts(model, batches, collector, seq_length, micro_batch_size)
     return concat_log_probs(parts) if parts else None
+
+
+@torch.no_grad()
+def forward_log_prob_parts(model: list, batches: list[SFTBatch], collector: LogProbCollector, seq_length: int,
+                           micro_batch_size: int) -> list[SequenceLogProbs]:
+    """Score `batches` forward-only; on the last pipeline stage each micro-batch's log-probs, else []."""
+    return _run_schedule(model, batches, collector, seq_length, micro_batch_size, forward_only=True)
 
 
 def reduce_step_metrics(losses_reduced: list[dict], dp_cp_group, has_reference: bool) -> dict:

@@ -176,12 +176,18 @@ def sequence_log_probs(batch: SFTBatch, output: torch.Tensor, log_probs: "Output
         Collectives: `log_probs`' over its TP group, 1 all-reduce over `cp_group`.
     """
     token_logp = log_probs(output, batch.labels)  # [b, s]
-    ids, n = batch.position_sample_ids(), batch.num_samples
-    partial = torch.stack([sequence_sums(token_logp, batch.loss_mask, ids, n),
-                           sequence_sums(torch.ones_like(token_logp), batch.loss_mask, ids, n)])  # [2, n]
-    logp_sum, num_tokens = context_parallel_sum(partial, cp_group).unbind()
+    logp_sum, num_tokens = answer_sums(batch, [token_logp, torch.ones_like(token_logp)], cp_group)
     kept = token_logp.detach() if keep_token_log_probs else None
     return SequenceLogProbs(logp_sum, num_tokens.round().to(torch.int64), kept)
+
+
+def answer_sums(batch: SFTBatch, token_values: list[torch.Tensor], cp_group) -> torch.Tensor:
+    """`[k, n]`: for each of the `k` per-position tensors `[b, s]` (this CP rank's positions), each sample's sum over
+    its answer tokens, totalled over the CP group. Collectives: 1 all-reduce of `[k, n]` over `cp_group` (backward
+    identity, see context_parallel_sum)."""
+    ids, n = batch.position_sample_ids(), batch.num_samples
+    partial = torch.stack([sequence_sums(v, batch.loss_mask, ids, n) for v in token_values])  # [k, n]
+    return context_parallel_sum(partial, cp_group)
 
 
 def concat_log_probs(parts: list[SequenceLogProbs]) -> SequenceLogProbs:

@@ -1,13 +1,19 @@
-"""MinorSFT and its baselines as pure functions of per-sequence tensors, plus step metrics.
+"""MinorSFT, its baselines and the reference-aware SFT family as pure functions, plus step metrics.
 
-Every loss maps, for `n` sequences of one micro-batch,
+A loss is one of two kinds. A SEQUENCE-level loss maps, for `n` sequences of one micro-batch,
     logp_sum          [n] float  sum over answer tokens of log pi_theta(y_t | x, y_<t)   (differentiable)
     ref_logp_sum      [n] float  the same under the frozen reference pi_ref, or None      (constant)
     num_answer_tokens [n] int    m, the number of answer tokens
     beta              float > 0
-to a per-sequence loss `[n]`, BEFORE division by the global denominator the loss declares: the number of
-sequences or of answer tokens in the whole global batch. Sequences with m = 0 get loss 0 (with zero gradient)
-and are counted apart; they never make NaN.
+to a per-sequence loss `[n]`. A TOKEN-level loss maps each position's
+    token_logp        [...] float  log p_t = log pi_theta(y_t | x, y_<t)                  (differentiable)
+    ref_token_logp    [...] float  log pi_ref(y_t | x, y_<t), or None                     (constant)
+    beta              float > 0
+to a per-token loss `[...]`, which the caller sums over each sequence's answer tokens (selection, not
+multiplication: other positions never reach the sum). Either way the per-sequence losses are summed BEFORE
+division by the global denominator the loss declares: the number of sequences or of answer tokens in the whole
+global batch. Sequences with m = 0 get loss 0 (with zero gradient) and are counted apart; they never make NaN.
+`LossSpec.reads` says which inputs a loss needs, so that the log-prob op and the reference produce those alone.
 """
 
 from __future__ import annotations
@@ -22,28 +28,40 @@ SEQUENCES = "sequences"
 TOKENS = "tokens"
 
 
+REF_SUMS = "ref_sums"  # the reference's per-sequence sums (ref_logp_sum): a cache can serve them
+REF_TOKENS = "ref_tokens"  # the reference's per-token log-probs (ref_token_logp): a reference model must run
+
+
 @dataclass(frozen=True)
 class LossSpec:
-    """A registered loss: its per-sequence function and what the global batch is divided by."""
+    """A registered loss: its function, its level, what the global batch is divided by, and what it reads."""
 
     fn: Callable[..., torch.Tensor]
-    """fn(logp_sum, ref_logp_sum, num_answer_tokens, beta) -> [n] per-sequence loss."""
+    """SEQUENCE level: fn(logp_sum, ref_logp_sum, num_answer_tokens, beta) -> [n] per-sequence loss.
+    TOKEN level: fn(token_logp, ref_token_logp, beta) -> per-token loss of token_logp's shape."""
     denominator: Literal["sequences", "tokens"]
     """SEQUENCES: divide by the number of sequences with m > 0; TOKENS: by the number of answer tokens."""
-    needs_reference: bool
-    """Whether fn reads ref_logp_sum."""
+    reads: frozenset = frozenset()
+    """Of REF_SUMS and REF_TOKENS, what fn reads beside the policy's log-probs."""
+    level: Literal["sequence", "token"] = "sequence"
+
+    @property
+    def needs_reference(self) -> bool:
+        return bool(self.reads)
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, denominator: str, needs_reference: bool):
-    """Decorator adding a per-sequence loss function to LOSSES under `name`."""
+def register_loss(name: str, denominator: str, reads: tuple = (), level: str = "sequence"):
+    """Decorator adding a loss function to LOSSES under `name`."""
     if denominator not in (SEQUENCES, TOKENS):
         raise ValueError(f"denominator must be {SEQUENCES!r} or {TOKENS!r}, got {denominator!r}")
+    if level not in ("sequence", "token") or not set(reads) <= {REF_SUMS, REF_TOKENS}:
+        raise ValueError(f"bad level {level!r} or reads {reads!r}")
 
     def add(fn):
-        LOSSES[name] = LossSpec(fn=fn, denominator=denominator, needs_reference=needs_reference)
+        LOSSES[name] = LossSpec(fn=fn, denominator=denominator, reads=frozenset(reads), level=level)
         return fn
 
     return add
@@ -108,30 +126,61 @@ def minor_sft_weight(logp_sum, ref_logp_sum, beta):
     return 2.0 * torch.sigmoid(-beta * deviation(logp_sum, ref_logp_sum).detach())
 
 
-@register_loss("sft", denominator=TOKENS, needs_reference=False)
+@register_loss("sft", denominator=TOKENS)
 def sft_loss(logp_sum, ref_logp_sum, num_answer_tokens, beta):
     """Megatron's token-mean NLL: -logp_sum, divided by the global number of answer tokens."""
     return -logp_sum * _has_answer(num_answer_tokens, logp_sum)
 
 
-@register_loss("sft_seq", denominator=SEQUENCES, needs_reference=False)
+@register_loss("sft_seq", denominator=SEQUENCES)
 def sft_seq_loss(logp_sum, ref_logp_sum, num_answer_tokens, beta):
     """The paper's raw SFT: -logp_sum / m, divided by the global number of sequences."""
     return -_per_token(logp_sum, num_answer_tokens)
 
 
-@register_loss("minor_sft", denominator=SEQUENCES, needs_reference=True)
+@register_loss("minor_sft", denominator=SEQUENCES, reads=(REF_SUMS,))
 def minor_sft_loss(logp_sum, ref_logp_sum, num_answer_tokens, beta):
     """MinorSFT: -(2/m) * stopgrad(sigmoid(-beta * D)) * logp_sum; gradient is the paper's eq. 7."""
     weight = minor_sft_weight(logp_sum, ref_logp_sum, beta)  # [n], no gradient
     return -_per_token(weight * logp_sum, num_answer_tokens)
 
 
-@register_loss("sft_dpo", denominator=SEQUENCES, needs_reference=True)
+@register_loss("sft_dpo", denominator=SEQUENCES, reads=(REF_SUMS,))
 def sft_dpo_loss(logp_sum, ref_logp_sum, num_answer_tokens, beta):
     """The paper's "SFT using DPO": -log sigmoid(beta * D)."""
     loss = -F.logsigmoid(beta * deviation(logp_sum, ref_logp_sum))
     return loss * _has_answer(num_answer_tokens, logp_sum)
+
+
+IW_SFT_MAX_WEIGHT = 16.0
+"""iw-SFT's sequence weights are clamped to [0, 16] (its authors' code)."""
+IW_SFT_TOKEN_CLIP = (0.2, 1.8)
+"""iw-SFT's token-level weights are clamped to [0.2, 1.8] (its authors' code)."""
+
+
+@register_loss("iw_sft", denominator=TOKENS, reads=(REF_SUMS,))
+def iw_sft_loss(logp_sum, ref_logp_sum, num_answer_tokens, beta):
+    """iw-SFT (arXiv 2507.12856), sequence weights: -stopgrad(clamp(exp(D / m), 0, 16)) * logp_sum, divided by the
+    global number of answer tokens. beta is not used."""
+    weight = torch.exp(_per_token(deviation(logp_sum, ref_logp_sum), num_answer_tokens)).clamp(
+        0.0, IW_SFT_MAX_WEIGHT).detach()  # [n], exp(0) = 1 where m = 0
+    return -weight * logp_sum * _has_answer(num_answer_tokens, logp_sum)
+
+
+@register_loss("dft", denominator=TOKENS, level="token")
+def dft_loss(token_logp, ref_token_logp, beta):
+    """DFT (arXiv 2508.05629): -stopgrad(p_t) * log p_t per answer token, divided by the global number of answer
+    tokens. beta is not used."""
+    return -torch.exp(token_logp.detach()) * token_logp
+
+
+@register_loss("iw_sft_token", denominator=TOKENS, reads=(REF_TOKENS,), level="token")
+def iw_sft_token_loss(token_logp, ref_token_logp, beta):
+    """iw-SFT's token-level variant: -stopgrad(clamp(p_t / p_ref,t, 0.2, 1.8)) * log p_t per answer token, divided
+    by the global number of answer tokens. beta is not used."""
+    low, high = IW_SFT_TOKEN_CLIP
+    weight = torch.exp(token_logp.detach() - ref_token_logp.detach()).clamp(low, high)
+    return -weight * token_logp
 
 
 # -------------------------------------------------------------------------------- sums for one batch
@@ -148,13 +197,17 @@ SUM_STATS = (
     "deviation_per_token_sum",  # sum of D / m            -> m_theta (paper eq. 8)
     "reward_sum",  # sum of beta * D
     "weight_sum",  # sum of 2 sigmoid(-beta D)
+    "token_prob_sum",  # sum over answer tokens of p_t                -> token_prob_mean (DFT's mean sg(p_t))
 )
 MAX_STATS = ("weight_max", "neg_weight_min")  # reduced with MAX; weight_min = -neg_weight_min
 
 
-def loss_and_stats(spec: LossSpec, logp_sum, ref_logp_sum, num_answer_tokens, beta):
+def loss_and_stats(spec: LossSpec, logp_sum, ref_logp_sum, num_answer_tokens, beta, token_loss_sum=None,
+                   token_prob_sum=None):
     """The loss summed over this micro-batch's sequences, its denominator, and detached statistics.
 
+    `token_loss_sum` [n]: for a token-level loss, each sequence's sum of spec.fn over its answer tokens
+    (differentiable). `token_prob_sum` [n]: each sequence's sum of p_t over its answer tokens (NaN when absent).
     Returns:
         loss_sum: scalar, differentiable; divide by the GLOBAL denominator (never by a local one).
         denominator: scalar int64, this micro-batch's share of the global denominator.
@@ -162,7 +215,12 @@ def loss_and_stats(spec: LossSpec, logp_sum, ref_logp_sum, num_answer_tokens, be
         max_stats: [len(MAX_STATS)] float64, detached (-inf where there is no sequence or no reference).
     """
     check_inputs(logp_sum, ref_logp_sum, num_answer_tokens, beta, spec.needs_reference)
-    loss_sum = spec.fn(logp_sum, ref_logp_sum, num_answer_tokens, beta).sum()
+    if spec.level == "token":
+        if token_loss_sum is None or token_loss_sum.shape != logp_sum.shape:
+            raise ValueError(f"a token-level loss needs token_loss_sum [n] = {tuple(logp_sum.shape)}")
+        loss_sum = (token_loss_sum * _has_answer(num_answer_tokens, token_loss_sum)).sum()
+    else:
+        loss_sum = spec.fn(logp_sum, ref_logp_sum, num_answer_tokens, beta).sum()
     valid = num_answer_tokens > 0  # [n]
     num_sequences = valid.sum()
     num_tokens = num_answer_tokens.clamp(min=0).sum()
@@ -178,6 +236,7 @@ def loss_and_stats(spec: LossSpec, logp_sum, ref_logp_sum, num_answer_tokens, be
         "num_empty_sequences": (~valid).sum().double(),
         "num_answer_tokens": num_tokens.double(),
         "logp_per_token_sum": _per_token(logp, m).sum(),
+        "token_prob_sum": zero + float("nan") if token_prob_sum is None else token_prob_sum.detach().double().sum(),
     }
     max_stats = logp.new_full((len(MAX_STATS),), float("-inf"))
     if ref_logp_sum is None:
@@ -203,7 +262,8 @@ def metrics_from_stats(sum_stats: torch.Tensor, max_stats: torch.Tensor, has_ref
     """Divide the globally reduced statistics once. Returns detached 0-d tensors keyed by metric name.
 
     loss, m_theta (mean of D/m), weight_mean/min/max (2 sigmoid(-beta D)), reward_mean (beta D),
-    logp_per_token / ref_logp_per_token (means of logp_sum/m, ref_logp_sum/m), and the counts.
+    logp_per_token / ref_logp_per_token (means of logp_sum/m, ref_logp_sum/m), token_prob_mean (the mean over
+    answer tokens of p_t: what DFT weighs each token by), and the counts.
     """
     s = dict(zip(SUM_STATS, sum_stats.unbind()))
     n = s["num_sequences"].clamp(min=1)
@@ -213,6 +273,7 @@ def metrics_from_stats(sum_stats: torch.Tensor, max_stats: torch.Tensor, has_ref
         "num_sequences": s["num_sequences"],
         "num_empty_sequences": s["num_empty_sequences"],
         "num_answer_tokens": s["num_answer_tokens"],
+        "token_prob_mean": s["token_prob_sum"] / s["num_answer_tokens"].clamp(min=1),
     }
     if has_reference:
         metrics.update(

@@ -1,7 +1,8 @@
 """The frozen reference: co-located beside the policy, or a cache of its per-sample log-prob sums.
 
 Either way, what reaches the policy's loss is `ref_logp_sum` `[n]` on each micro-batch: one float per sample,
-needed on the last pipeline stage only.
+needed on the last pipeline stage only; and, for the losses that read them (loss.REF_TOKENS, a reference model
+only), `ref_token_logp` `[b, s]`, each position's label log-prob.
 
 The cache's file format is in reference_cache.py.
 """
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from minorsft_megatron.data.batch import merge_micro_batches
-from minorsft_megatron.forward_step import LogProbCollector, forward_log_probs
+from minorsft_megatron.data.batch import context_parallel_positions, merge_micro_batches
+from minorsft_megatron.forward_step import LogProbCollector, forward_log_prob_parts
 from minorsft_megatron.reference_cache import ReferenceCacheError, read_cache
 
 
@@ -83,14 +84,27 @@ class BaseReference:
 
 def score_into(micro_batches, model, collector, seq_length: int, micro_batch_size: int, merge: int) -> None:
     """Score `micro_batches` forward-only with `model` (`merge` of them as one where they divide evenly); on the last
-    pipeline stage, set each one's `ref_logp_sum`."""
+    pipeline stage, set each one's `ref_logp_sum` (and `ref_token_logp` when the collector keeps them)."""
     k = merge if len(micro_batches) % merge == 0 else 1
-    batches = [merge_micro_batches(micro_batches[i : i + k]) for i in range(0, len(micro_batches), k)]
-    scored = forward_log_probs([model], batches, collector, seq_length, micro_batch_size * k)
-    if scored is None:  # not the last pipeline stage: the policy's loss is computed elsewhere
-        return
-    logp_sum, at = scored.logp_sum, 0
-    for mb in micro_batches:
-        n = len(mb.sample_index)
-        mb.ref_logp_sum = logp_sum[at : at + n].detach().to(torch.float32)
-        at += n
+    groups = [micro_batches[i : i + k] for i in range(0, len(micro_batches), k)]
+    batches = [merge_micro_batches(group) for group in groups]
+    parts = forward_log_prob_parts([model], batches, collector, seq_length, micro_batch_size * k)
+    for group, merged, part in zip(groups, batches, parts):  # none off the last pipeline stage
+        sums = part.logp_sum.detach().split([len(mb.sample_index) for mb in group])
+        for mb, ref_logp_sum in zip(group, sums):
+            mb.ref_logp_sum = ref_logp_sum
+        if part.token_logp is not None:
+            _attach_token_log_probs(group, merged, part.token_logp, collector.cp_group)
+
+
+def _attach_token_log_probs(group, merged, token_logp: torch.Tensor, cp_group) -> None:
+    """Each micro-batch of `group` gets its positions of `token_logp` (this CP rank's positions of `merged`) as
+    `ref_token_logp` [b, s], in the full layout that context_parallel_share splits again."""
+    if cp_group is not None and cp_group.size() > 1:
+        full = torch.zeros(merged.labels.shape, dtype=token_logp.dtype, device=token_logp.device)
+        full.scatter_(1, context_parallel_positions(merged, cp_group), token_logp)
+        token_logp = full
+    position_dim = 1 if merged.thd is not None else 0  # THD micro-batches are joined end to end
+    sizes = [mb.labels.size(position_dim) for mb in group]
+    for mb, values in zip(group, token_logp.split(sizes, dim=position_dim)):
+        mb.ref_token_logp = values.contiguous()

@@ -36,6 +36,7 @@ from minorsft_megatron.config import (
 from minorsft_megatron.data.dataset import BatchSettings, SFTBatches, SFTDataset
 from minorsft_megatron.device import peak_memory_gib, setup_device
 from minorsft_megatron.forward_step import LogProbCollector, SFTLossFunction, forward_backward, reduce_step_metrics
+from minorsft_megatron.loss import LOSSES, REF_TOKENS
 from minorsft_megatron.metrics_log import MetricsLog
 from minorsft_megatron.model import build_model, moe_layer_pattern, output_log_probs, unwrap
 from minorsft_megatron.reference import BaseReference, CachedReference, ColocatedReference
@@ -152,15 +153,16 @@ def build_reference(cfg: TrainConfig, policy: Policy, vocab: int, device, pgs, d
     if mode == "cache":
         return CachedReference(cfg.reference.cache, dataset.fingerprint, start_id)
     merge = (cfg.reference.micro_batch_size or cfg.data.micro_batch_size) // cfg.data.micro_batch_size
+    per_token = REF_TOKENS in LOSSES[cfg.loss.name].reads  # the loss reads the reference's per-token log-probs
     if mode == "base":
         log_probs = output_log_probs(policy.model, cfg.loss.logprob_chunk_size, vocab, pgs.tp, cfg.parallel.sp)
-        return BaseReference(policy.ddp, LogProbCollector(log_probs, cp_group=pgs.cp), cfg.data.seq_length,
+        return BaseReference(policy.ddp, LogProbCollector(log_probs, pgs.cp, per_token), cfg.data.seq_length,
                              cfg.data.micro_batch_size, merge=merge)
     model, _ = build_model(cfg, transformer_engine.role_precision(cfg, "reference"), vocab, device, initialize=False)
     base_weights = {k: v for k, v in unwrap(policy.model).state_dict().items() if not lora.is_adapter_key(k)}
     unwrap(model).load_state_dict(base_weights)  # cast to the reference's dtype
     log_probs = output_log_probs(model, cfg.loss.logprob_chunk_size, vocab, pgs.tp, cfg.parallel.sp)
-    collector = LogProbCollector(log_probs, cp_group=pgs.cp)
+    collector = LogProbCollector(log_probs, pgs.cp, per_token)
     return ColocatedReference(model, collector, device, cfg.data.seq_length, cfg.data.micro_batch_size,
                               offload=cfg.reference.offload, merge=merge)
 

@@ -18,7 +18,10 @@ import torch
 from tests.distributed import spawn
 
 VOCAB, SEQ = 13, 16
-LOSSES = ("minor_sft", "sft")
+LOSSES = ("minor_sft", "sft", "dft", "iw_sft", "iw_sft_token")
+SCORED = ("iw_sft", "iw_sft_token")
+"""The losses whose reference inputs come from a second stand-in scored through reference.score_into (per-token
+log-probs too, under CP scattered back to the full layout; two micro-batches merged into one)."""
 BETA = 0.04
 
 
@@ -50,22 +53,37 @@ class Samples:
         return self._masks[int(i)]
 
 
-def expected(samples: Samples, table: torch.Tensor, out: torch.Tensor, loss: str):
+def stand_in_log_probs(samples: Samples, table, out, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample i's per-position label log-probs under the stand-in (float64), and its answer mask."""
+    ids = torch.from_numpy(samples.tokens(i))
+    mask = torch.from_numpy(samples.answer_mask(i)[1:].astype(np.float64))
+    return (table[ids[:-1]] @ out.t()).log_softmax(-1).gather(-1, ids[1:, None])[:, 0], mask
+
+
+def expected(samples: Samples, table: torch.Tensor, out: torch.Tensor, loss: str, ref_table, ref_out):
     """float64: per-sample answer log-prob sums and counts, the loss over all samples, d loss / d (table, out)."""
     table = table.double().clone().requires_grad_()
     out = out.double().clone().requires_grad_()
-    sums, counts = [], []
+    sums, counts, token_terms, ref_sums = [], [], [], []
     for i in range(len(samples)):
-        ids = torch.from_numpy(samples.tokens(i))
-        mask = torch.from_numpy(samples.answer_mask(i)[1:].astype(np.float64))
-        logp = (table[ids[:-1]] @ out.t()).log_softmax(-1).gather(-1, ids[1:, None])[:, 0]
+        logp, mask = stand_in_log_probs(samples, table, out, i)
+        ref_logp = stand_in_log_probs(samples, ref_table, ref_out, i)[0]
         sums.append((logp * mask).sum())
+        ref_sums.append((ref_logp * mask).sum())
         counts.append(int(mask.sum()))
+        if loss == "dft":  # sg(p_t) * -log p_t
+            token_terms.append(-(logp.detach().exp() * logp)[mask.bool()])
+        if loss == "iw_sft_token":  # clamp(p_t / p_ref,t, 0.2, 1.8) * -log p_t
+            token_terms.append(-((logp.detach() - ref_logp).exp().clamp(0.2, 1.8) * logp)[mask.bool()])
     logp_sum, m = torch.stack(sums), torch.tensor(counts, dtype=torch.float64)
     valid = m > 0
-    ref = torch.from_numpy(samples.ref_logp_sum)
+    ref = torch.stack(ref_sums) if loss in SCORED else torch.from_numpy(samples.ref_logp_sum)
     if loss == "sft":
         value = -logp_sum[valid].sum() / m[valid].sum()
+    elif loss in ("dft", "iw_sft_token"):
+        value = torch.cat(token_terms).sum() / m.sum()
+    elif loss == "iw_sft":  # clamp(exp(D / m), 0, 16) on the summed NLL
+        value = -(torch.exp((logp_sum.detach() - ref) / m.clamp(min=1)).clamp(max=16) * logp_sum)[valid].sum() / m.sum()
     else:
         weight = 2 * torch.sigmoid(-BETA * (logp_sum.detach() - ref))
         value = -(weight * logp_sum / m.clamp(min=1))[valid].mean()
@@ -87,7 +105,7 @@ def micro_batches(samples: Samples, layout: str, cp: int):
     return batches
 
 
-def cp_steps(cp: int, table: torch.Tensor, out: torch.Tensor) -> dict:
+def cp_steps(cp: int, table: torch.Tensor, out: torch.Tensor, ref_table: torch.Tensor, ref_out: torch.Tensor) -> dict:
     """{(layout, head, loss): one forward-backward of `loss` over all samples at this CP size and layout, the
     log-probs from the stand-in's logits or fused from its hidden states (3 positions a time)."""
     import torch.nn.functional as F
@@ -97,13 +115,14 @@ def cp_steps(cp: int, table: torch.Tensor, out: torch.Tensor) -> dict:
 
     from minorsft_megatron import parallel
     from minorsft_megatron.device import setup_device
-    from minorsft_megatron.forward_step import SFTLossFunction, forward_backward, reduce_step_metrics
+    from minorsft_megatron.forward_step import LogProbCollector, SFTLossFunction, forward_backward, reduce_step_metrics
+    from minorsft_megatron.reference import score_into
     from minorsft_megatron.logprobs import OutputLogProbs
 
     from megatron.core.enums import ModelType
 
     class TokenTable(MegatronModule):
-        def __init__(self, config):
+        def __init__(self, config, table, out):
             super().__init__(config)
             self.model_type = ModelType.encoder_or_decoder
             self.table = torch.nn.Parameter(table.clone())
@@ -122,14 +141,19 @@ def cp_steps(cp: int, table: torch.Tensor, out: torch.Tensor) -> dict:
     config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, context_parallel_size=cp,
                                params_dtype=torch.float64, calculate_per_token_loss=True, activation_func=F.silu)
     config.finalize_model_grads_func = finalize_model_grads
-    model = TokenTable(config)
+    model, reference = TokenTable(config, table, out), TokenTable(config, ref_table, ref_out)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=False), model)
     heads = {"logits": OutputLogProbs(VOCAB, pgs.tp),
              "fused": OutputLogProbs(VOCAB, pgs.tp, chunk_size=3, weight=lambda: model.out)}
+    ref_heads = {"logits": OutputLogProbs(VOCAB, pgs.tp),
+                 "fused": OutputLogProbs(VOCAB, pgs.tp, chunk_size=3, weight=lambda: reference.out)}
     results = {}
     for (layout, head), loss in itertools.product(itertools.product(("rows", "thd"), heads), LOSSES):
-        model.hidden_states_out = head == "fused"
+        model.hidden_states_out = reference.hidden_states_out = head == "fused"
         batches = micro_batches(Samples(), layout, cp)
+        if loss in SCORED:
+            score_into(batches, reference, LogProbCollector(ref_heads[head], pgs.cp, keep_token_log_probs=True),
+                       batches[0].tokens.size(1), batches[0].tokens.size(0), merge=2)
         loss_fn = SFTLossFunction(loss, BETA, heads[head], cp_group=pgs.cp)
         ddp.zero_grad_buffer()
         stats = forward_backward([ddp], batches, loss_fn, batches[0].tokens.size(1), batches[0].tokens.size(0))
@@ -143,14 +167,18 @@ def cp_steps(cp: int, table: torch.Tensor, out: torch.Tensor) -> dict:
 
 @pytest.mark.parametrize("cp", [1, 2])
 def test_context_parallel_forward_step_equals_float64(tmp_path, cp):
-    """Rows and THD micro-batches, logits and fused log-probs, sft and minor_sft, every CP rank: the float64 sums,
-    counts, loss and gradients of both parameters."""
+    """Rows and THD micro-batches, logits and fused log-probs, every loss (iw_sft's and iw_sft_token's reference
+    scored by a second stand-in through reference.score_into), every CP rank: the float64 sums, counts, loss and
+    gradients of both parameters."""
     gen = torch.Generator().manual_seed(5)
     table = torch.randn(VOCAB, VOCAB, generator=gen, dtype=torch.float64)
     out = torch.randn(VOCAB, VOCAB, generator=gen, dtype=torch.float64) * 0.5
-    ranks = spawn(cp, cp_steps, cp, table, out, out_dir=tmp_path)
+    ref_table = table + 0.3 * torch.randn(VOCAB, VOCAB, generator=gen, dtype=torch.float64)
+    ref_out = out + 0.3 * torch.randn(VOCAB, VOCAB, generator=gen, dtype=torch.float64)
+    ranks = spawn(cp, cp_steps, cp, table, out, ref_table, ref_out, out_dir=tmp_path)
     for loss in LOSSES:
-        want_sums, want_counts, want_loss, want_grad, want_out_grad = expected(Samples(), table, out, loss)
+        want_sums, want_counts, want_loss, want_grad, want_out_grad = expected(Samples(), table, out, loss, ref_table,
+                                                                               ref_out)
         for rank in ranks:
             for (layout, head, name), got in rank.items():
                 if name != loss:

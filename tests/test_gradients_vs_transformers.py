@@ -1,5 +1,6 @@
-"""One step's parameter gradients of sft, sft_seq and minor_sft against an independent reference: a Hugging Face
-`transformers` Llama holding the same (converted) weights, in float64, with each loss written out here.
+"""One step's parameter gradients of every loss against an independent reference: a Hugging Face `transformers`
+Llama holding the same (converted) weights, in float64, with each loss written out here (per-token losses from the
+full logits), at (TP, PP, DP) = (1,1,1), (2,1,1) with SP, (1,2,1), (2,2,1), (1,1,2), and 1 against 4 micro-batches.
 
 The layout tests elsewhere compare layouts with each other; this one compares every layout with code that shares
 nothing with the package's loss, log-prob, normalisation or schedule code, so an error common to all layouts (a
@@ -18,12 +19,11 @@ from tests.gpt_workers import SEQ, global_batch
 from tests.tokenizers_for_tests import REPO
 
 BETA = 0.04
-MICRO_BATCH = 2
-LOSSES = ("sft", "sft_seq", "minor_sft")
+LOSSES = ("sft", "sft_seq", "minor_sft", "iw_sft", "dft", "iw_sft_token")
 RTOL = 1e-5
 
 
-def megatron_gradients(ckpt: str, tp: int, pp: int, batch: dict) -> dict:
+def megatron_gradients(ckpt: str, tp: int, pp: int, sp: bool, micro_batch: int, batch: dict) -> dict:
     """{loss: every parameter's gradient after finalize_model_grads, full (TP-gathered), by global name}."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -40,31 +40,42 @@ def megatron_gradients(ckpt: str, tp: int, pp: int, batch: dict) -> dict:
     pgs = parallel.initialize(device, tp=tp, pp=pp)
     state = checkpoint.read_state(ckpt)
     cfg = from_dict(TrainConfig, state["config"], ckpt)
-    cfg.parallel = ParallelConfig(tp=tp, pp=pp)
+    cfg.parallel = ParallelConfig(tp=tp, pp=pp, sp=sp)
     model, config = build_model(cfg, RolePrecision("fp32"), state["vocab_size"], device, initialize=False)
     checkpoint.load(ckpt, model)
     # the default: output layer and log-probs fused, chunk by chunk
-    log_probs = output_log_probs(model, cfg.loss.logprob_chunk_size, state["vocab_size"], pgs.tp, False)
+    log_probs = output_log_probs(model, cfg.loss.logprob_chunk_size, state["vocab_size"], pgs.tp, sp)
     config.finalize_model_grads_func = finalize_model_grads
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    batches = micro_batches(batch, 0, 1, MICRO_BATCH, device)
+    dp = parallel_state.get_data_parallel_world_size()
+    batches = micro_batches(batch, parallel_state.get_data_parallel_rank(), dp, micro_batch, device)
     out = {"last_stage": parallel_state.is_pipeline_last_stage()}
     for loss in LOSSES:
         ddp.zero_grad_buffer()
         loss_fn = SFTLossFunction(loss, BETA, log_probs, cp_group=pgs.cp)
-        forward_backward([ddp], batches, loss_fn, SEQ, MICRO_BATCH)
+        forward_backward([ddp], batches, loss_fn, SEQ, micro_batch)
         out[loss] = full_grads(model, config, pgs.tp, tp)
     return out
 
 
-def reference_loss(name: str, logp_sum, num_answer_tokens, ref_logp_sum):
-    """The three losses over the global batch, written from their definitions (float64)."""
+def reference_loss(name: str, token_logp, mask, ref_logp_sum, ref_token_logp):
+    """Each loss over the global batch, written from its definition (float64): `token_logp` [b, s] every position's
+    label log-prob, `mask` [b, s] the answer positions."""
+    logp_sum, num_answer_tokens = (token_logp * mask).sum(-1), mask.sum(-1)
     valid = num_answer_tokens > 0
     logp, m, ref = logp_sum[valid], num_answer_tokens[valid], ref_logp_sum[valid]
+    answer = mask.bool()
     if name == "sft":  # token mean of the NLL
         return -logp.sum() / m.sum()
     if name == "sft_seq":  # the paper's raw SFT: mean over sequences of -(1/m) log pi(y|x)
         return -(logp / m).mean()
+    if name == "iw_sft":  # sequence weights clamp(exp(D / m), 0, 16) on the summed NLL, token mean
+        return -(torch.exp((logp.detach() - ref) / m).clamp(max=16) * logp).sum() / m.sum()
+    if name == "dft":  # sg(p_t) * -log p_t, token mean
+        return -(token_logp.detach().exp() * token_logp)[answer].sum() / m.sum()
+    if name == "iw_sft_token":  # clamp(p_t / p_ref,t, 0.2, 1.8) * -log p_t, token mean
+        weight = (token_logp.detach() - ref_token_logp).exp().clamp(0.2, 1.8)
+        return -(weight * token_logp)[answer].sum() / m.sum()
     weight = 2 * torch.sigmoid(-BETA * (logp.detach() - ref))  # MinorSFT, eq. 7
     return -(weight * logp / m).mean()
 
@@ -80,7 +91,8 @@ def transformers_gradients(hf_dir: str, batch: dict) -> dict:
         model.zero_grad()
         logits = model(batch["tokens"]).logits  # [b, s, V] float64
         token_logp = logits.log_softmax(-1).gather(-1, batch["labels"][..., None])[..., 0]  # [b, s]
-        loss = reference_loss(name, (token_logp * mask).sum(-1), mask.sum(-1), batch["ref_logp_sum"].double())
+        loss = reference_loss(name, token_logp, mask, batch["ref_logp_sum"].double(),
+                              batch["ref_token_logp"].double())
         loss.backward()
         grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
     return grads
@@ -93,16 +105,21 @@ def converted(tmp_path_factory):
     subprocess.run([sys.executable, "tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", hf, "--out",
                     str(root / "megatron"), "--dtype", "fp32"], cwd=REPO, check=True, capture_output=True, timeout=300)
     batch = global_batch(seed=3, vocab=300)
+    gen = torch.Generator().manual_seed(4)  # a reference's per-token log-probs: ratios p / p_ref around the clamps
+    batch["ref_token_logp"] = -5.7 + torch.randn(batch["labels"].shape, generator=gen)
     return hf, str(root / "megatron"), batch, transformers_gradients(hf, batch)
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)], ids=["tp1pp1", "tp2pp2"])
-def test_gradients_equal_transformers_with_the_loss_written_out(tmp_path, converted, tp, pp):
+@pytest.mark.parametrize("tp,pp,dp,sp,micro_batch", [(1, 1, 1, False, 2), (1, 1, 1, False, 8), (2, 1, 1, True, 2),
+                                                     (1, 2, 1, False, 2), (2, 2, 1, False, 2), (1, 1, 2, False, 2)],
+                         ids=["tp1pp1", "one_micro_batch", "tp2sp", "pp2", "tp2pp2", "dp2"])
+def test_gradients_equal_transformers_with_the_loss_written_out(tmp_path, converted, tp, pp, dp, sp, micro_batch):
     from minorsft_megatron.config import ModelConfig
     from minorsft_megatron.convert import hf_from_megatron, read_hf_config, model_config_from_hf
 
     hf, ckpt, batch, expected = converted
-    ranks = spawn(tp * pp, megatron_gradients, ckpt, tp, pp, batch, out_dir=tmp_path / "job", timeout=300)
+    ranks = spawn(tp * pp * dp, megatron_gradients, ckpt, tp, pp, sp, micro_batch, batch, out_dir=tmp_path / "job",
+                  timeout=300)
     m: ModelConfig = model_config_from_hf(read_hf_config(hf))
     for loss in LOSSES:
         grads = {}

@@ -1,4 +1,6 @@
-"""Every registered loss against a float64 autograd reference written here from the paper's formulas."""
+"""Every registered loss against a float64 autograd reference written here from the papers' formulas: sequence-level
+losses on per-sequence sums, token-level ones on per-token log-probs (with m = 0 rows), through the same
+loss_and_stats path and the package's per-sequence answer sums."""
 
 import math
 
@@ -33,18 +35,27 @@ def reference_loss(name, logp, ref, m, beta):
         return -(weight * logp / m).mean()
     if name == "sft_dpo":  # -E[log sigmoid(beta D)]
         return torch.log1p(torch.exp(-beta * d)).mean()
+    if name == "iw_sft":  # arXiv 2507.12856: clamp(exp(D / m), 0, 16), detached, on the summed NLL, token mean
+        weight = torch.exp(d.detach() / m).clamp(max=16.0)
+        return -(weight * logp).sum() / m.sum()
     raise AssertionError(name)
 
 
-def test_registry_holds_the_four_losses():
-    assert set(LOSSES) == {"sft", "sft_seq", "minor_sft", "sft_dpo"}
-    assert get_loss("sft").denominator == "tokens"
+SEQUENCE_LOSSES = ["sft", "sft_seq", "minor_sft", "sft_dpo", "iw_sft"]
+TOKEN_LOSSES = ["dft", "iw_sft_token"]
+
+
+def test_registry_holds_the_losses():
+    assert set(LOSSES) == set(SEQUENCE_LOSSES + TOKEN_LOSSES)
+    assert {get_loss(n).denominator for n in ("sft", "iw_sft", "dft", "iw_sft_token")} == {"tokens"}
     assert {get_loss(n).denominator for n in ("sft_seq", "minor_sft", "sft_dpo")} == {"sequences"}
+    assert {n for n, spec in LOSSES.items() if spec.level == "token"} == set(TOKEN_LOSSES)
+    assert not get_loss("dft").needs_reference and get_loss("iw_sft_token").reads == {"ref_tokens"}
     with pytest.raises(ValueError, match="unknown loss 'dpo'"):
         get_loss("dpo")
 
 
-@pytest.mark.parametrize("name", sorted(["sft", "sft_seq", "minor_sft", "sft_dpo"]))
+@pytest.mark.parametrize("name", SEQUENCE_LOSSES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_value_and_gradient_match_float64_reference(name, seed):
     logp, ref, m = random_inputs(seed=seed)
@@ -63,6 +74,63 @@ def test_value_and_gradient_match_float64_reference(name, seed):
     assert torch.isfinite(loss)
 
 
+def random_tokens(n=10, length=15, seed=0):
+    """Per-token log-probs [n, L], a reference's, and answer masks with rows 2 and 7 empty."""
+    gen = torch.Generator().manual_seed(seed)
+    token_logp = -torch.rand(n, length, generator=gen, dtype=torch.float64) * 4  # p_t from 0.02 to 1
+    ref_token_logp = token_logp + torch.randn(n, length, generator=gen, dtype=torch.float64)  # ratios 0.1 to 10
+    mask = torch.rand(n, length, generator=gen) < 0.6
+    mask[[2, 7]] = False
+    return token_logp, ref_token_logp, mask
+
+
+def reference_token_loss(name, token_logp, ref_token_logp, mask):
+    """The global-batch token-level loss in float64, from the papers: a mean over all answer tokens."""
+    logp, ref = token_logp[mask], ref_token_logp[mask]
+    if name == "dft":  # arXiv 2508.05629 eq. 9: sg(p_t) * -log p_t
+        return -(torch.exp(logp).detach() * logp).sum() / mask.sum()
+    if name == "iw_sft_token":  # clamp(p_t / p_ref,t, 0.2, 1.8), detached
+        return -((torch.exp(logp) / torch.exp(ref)).detach().clamp(0.2, 1.8) * logp).sum() / mask.sum()
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", TOKEN_LOSSES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_token_level_value_and_gradient_match_float64_reference(name, seed):
+    from minorsft_megatron.data.batch import SFTBatch
+    from minorsft_megatron.logprobs import answer_sums
+
+    token_logp, ref_token_logp, mask = random_tokens(seed=seed)
+    want_in = token_logp.clone().requires_grad_()
+    expected = reference_token_loss(name, want_in, ref_token_logp, mask)
+    expected.backward()
+    got_in = token_logp.float().requires_grad_()
+    garbage = torch.where(mask, got_in, torch.full_like(got_in, float("inf")))  # off the answer: never summed
+    spec = get_loss(name)
+    batch = SFTBatch(tokens=torch.zeros(mask.shape, dtype=torch.long), labels=torch.zeros(mask.shape, dtype=torch.long),
+                     loss_mask=mask.float(), position_ids=torch.zeros(mask.shape, dtype=torch.long))
+    sums = answer_sums(batch, [garbage, torch.ones_like(garbage), spec.fn(garbage, ref_token_logp.float(), BETA)],
+                       None)
+    ref_sum = (ref_token_logp * mask).sum(-1).float()
+    loss_sum, denominator, stats, _ = loss_and_stats(spec, sums[0], ref_sum, sums[1].round().long(), BETA,
+                                                     token_loss_sum=sums[2], token_prob_sum=sums[0].detach().exp())
+    loss = loss_sum / denominator
+    loss.backward()
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got_in.grad.double(), want_in.grad, rtol=1e-5, atol=1e-9)
+    assert torch.all(got_in.grad[~mask] == 0) and torch.isfinite(loss)
+
+
+def test_token_prob_mean_is_the_mean_answer_token_probability():
+    token_logp, _, mask = random_tokens(seed=3)
+    m = mask.sum(-1)
+    p_sum = torch.where(mask, token_logp.exp(), 0.0).sum(-1)
+    _, _, sums, maxes = loss_and_stats(get_loss("dft"), (token_logp * mask).sum(-1), None, m, BETA,
+                                       token_loss_sum=torch.zeros(len(m), dtype=torch.float64), token_prob_sum=p_sum)
+    metrics = metrics_from_stats(sums, maxes, has_reference=False)
+    torch.testing.assert_close(metrics["token_prob_mean"], token_logp.exp()[mask].mean())
+
+
 def test_minor_sft_gradient_is_paper_eq7():
     logp, ref, m = random_inputs(seed=3, dtype=torch.float64)
     logp = logp.requires_grad_()
@@ -78,7 +146,8 @@ def test_all_empty_batch_is_zero_not_nan():
     m = torch.zeros(3, dtype=torch.long)
     logp = torch.zeros(3, requires_grad=True)
     for name, spec in LOSSES.items():
-        loss_sum, denominator, sums, maxes = loss_and_stats(spec, logp, torch.zeros(3), m, BETA)
+        loss_sum, denominator, sums, maxes = loss_and_stats(spec, logp, torch.zeros(3), m, BETA,
+                                                            token_loss_sum=logp * 0, token_prob_sum=logp * 0)
         assert loss_sum.item() == 0 and denominator.item() == 0, name
         metrics = metrics_from_stats(sums, maxes, has_reference=True)
         assert metrics["num_empty_sequences"] == 3

@@ -68,6 +68,9 @@ class SFTBatch:
     padding: torch.Tensor | None = None
     """[b, s] bool, True at positions that hold no sample's token (a row's tail, a THD sample's padding): what
     megatron-core's MoE routers leave out of their auxiliary losses (`padding_mask`); None: no padding known."""
+    ref_token_logp: torch.Tensor | None = None
+    """[b, s] float32 each position's label log-prob under the frozen reference, for the losses that read it
+    (loss.REF_TOKENS); under context parallelism only this rank's positions are filled."""
 
     def to(self, device: torch.device) -> "SFTBatch":
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
@@ -267,8 +270,9 @@ def context_parallel_share(batch: SFTBatch, cp_group) -> SFTBatch:
                          "for context parallelism")
     fields = {"tokens": batch.tokens, "labels": batch.labels, "loss_mask": batch.loss_mask,
               "position_ids": batch.position_ids, "sample_id": batch.position_sample_ids()}
-    if batch.padding is not None:
-        fields["padding"] = batch.padding
+    for name in ("padding", "ref_token_logp"):
+        if getattr(batch, name) is not None:
+            fields[name] = getattr(batch, name)
     if batch.thd is None:
         local = get_batch_on_this_cp_rank(dict(fields), cp_group)
     else:
@@ -277,3 +281,9 @@ def context_parallel_share(batch: SFTBatch, cp_group) -> SFTBatch:
                  for a, b in zip(bounds[:-1], bounds[1:])]
         local = {k: torch.cat([part[k] for part in parts], dim=1) for k in fields}
     return dataclasses.replace(batch, cu_seqlens=None, **local)
+
+
+def context_parallel_positions(batch: SFTBatch, cp_group) -> torch.Tensor:
+    """[b, s/cp] the index, along the full rows, of each position context_parallel_share keeps on this rank."""
+    index = torch.arange(batch.tokens.size(1), device=batch.tokens.device).expand_as(batch.tokens).contiguous()
+    return context_parallel_share(dataclasses.replace(batch, tokens=index), cp_group).tokens
