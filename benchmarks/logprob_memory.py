@@ -6,7 +6,10 @@ states `[s, 1, h]` (bf16) and an output weight `[V, h]` (bf16) to the summed ans
   Float16Module's fp32 upcast, then `vocab_parallel_log_probs` (fp32 math, fp32 softmax kept for backward);
 - unfused: the same without Float16Module's fp32 copy (`fp32_output=False`: what `loss.logprob_chunk_size: 0`
   runs now);
-- fused: `fused_log_probs`, `--chunk-size` positions of logits at a time (the default path).
+- fused: `fused_log_probs`, `--chunk-size` positions of logits at a time (the default path);
+- asft_full: ASFT's loss (DFT's term plus 0.1 KL(pi_ref || pi_theta) per position) from both models' full
+  logits materialised (a frozen reference's hidden states and weight beside the policy's);
+- asft_fused: the same loss from `fused_log_probs_and_kl`, both models' logits chunk by chunk.
 
     python benchmarks/logprob_memory.py [--vocab 152064 128256] [--seq 4096 8192] [--hidden 1024]
                                         [--chunk-size 256] [--device cpu|cuda]
@@ -19,7 +22,8 @@ The time is the forward-backward's wall time. Every measurement is repeated `--r
 paths alternating within each repeat so that a slower stretch of the machine falls on all of them; each row gives
 the median and the range (min-max), and a path's ratios to today's are taken repeat by repeat (each against the
 today run beside it), then their median and range. The last line is `V=152064 s=4096: peak_memory_ratio=R
-time_ratio=T (min A, max B, N repeats)` (fused over today's).
+time_ratio=T (min A, max B, N repeats)` (fused over today's), and with both ASFT paths `V=152064 s=4096: asft
+peak_memory_ratio=R ...` (asft_fused over asft_full, repeat by repeat).
 """
 
 from __future__ import annotations
@@ -35,14 +39,35 @@ import time
 
 from children import child_error, spread
 
-PATHS = ("today", "unfused", "fused")
+PATHS = ("today", "unfused", "fused", "asft_full", "asft_fused")
+KL_COEF = 0.1
 
 
-def loss_path(path: str, hidden, weight, labels, vocab: int, chunk: int):
+def asft_path(path: str, hidden, weight, ref_hidden, ref_weight, labels, vocab: int, chunk: int):
+    """ASFT's loss summed over every position: -sg(p_t) log p_t + KL_COEF * KL(pi_ref || pi_theta)."""
+    import torch
+
+    from minorsft_megatron.logprobs import fused_log_probs_and_kl
+
+    if path == "asft_fused":
+        logp, kl = fused_log_probs_and_kl(hidden.transpose(0, 1), weight, ref_hidden.transpose(0, 1), ref_weight,
+                                          labels, vocab, chunk_size=chunk)
+    else:
+        log_p = torch.nn.functional.linear(hidden, weight).transpose(0, 1).float().log_softmax(-1)  # [1, s, V]
+        with torch.no_grad():
+            log_r = torch.nn.functional.linear(ref_hidden, ref_weight).transpose(0, 1).float().log_softmax(-1)
+        logp = log_p.gather(-1, labels[..., None])[..., 0]
+        kl = (log_r.exp() * (log_r - log_p)).sum(-1)
+    return (-(logp.detach().exp() * logp) + KL_COEF * kl).sum()
+
+
+def loss_path(path: str, hidden, weight, labels, vocab: int, chunk: int, ref=None):
     import torch
 
     from minorsft_megatron.logprobs import fused_log_probs, vocab_parallel_log_probs
 
+    if path.startswith("asft"):
+        return asft_path(path, hidden, weight, *ref, labels, vocab, chunk)
     if path == "fused":
         return fused_log_probs(hidden.transpose(0, 1), weight, labels, vocab, chunk_size=chunk).sum()
     logits = torch.nn.functional.linear(hidden, weight)  # [s, 1, V] the output layer, bf16
@@ -77,6 +102,9 @@ def measure(path: str, vocab: int, seq: int, hidden_size: int, chunk: int, devic
     weight.grad_added_to_main_grad = False
     weight.register_post_accumulate_grad_hook(_ddp_hook)
     labels = torch.randint(0, vocab, (1, seq), device=device)
+    ref = None
+    if path.startswith("asft"):  # a frozen reference: its final hidden states and output weight, bf16
+        ref = (torch.empty_like(hidden).normal_().requires_grad_(False), torch.empty_like(weight).normal_(0, 0.02))
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -84,7 +112,7 @@ def measure(path: str, vocab: int, seq: int, hidden_size: int, chunk: int, devic
     else:
         base = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    loss_path(path, hidden, weight, labels, vocab, chunk).backward()
+    loss_path(path, hidden, weight, labels, vocab, chunk, ref).backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
@@ -153,17 +181,28 @@ def main() -> int:
           f"median (min-max) of {args.repeat} alternating repeats")
     print("| V | s | path | peak (GiB) | seconds | peak / today | time / today |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    fused = {}
+    fused, asft = {}, {}
     for vocab in args.vocab:
         for seq in args.seq:
-            ratios = table_rows(vocab, seq, repeated(args.paths, vocab, seq, args))
+            runs = repeated(args.paths, vocab, seq, args)
+            ratios = table_rows(vocab, seq, runs)
             if "fused" in ratios:
                 fused[vocab, seq] = ratios["fused"]
+            pairs = [(f, m) for f, m in zip(runs.get("asft_fused", []), runs.get("asft_full", []))
+                     if "error" not in f and "error" not in m]
+            if pairs:
+                asft[vocab, seq] = [f["peak_gib"] / m["peak_gib"] for f, m in pairs], \
+                    [f["seconds"] / m["seconds"] for f, m in pairs]
     if (152064, 4096) in fused:
         peaks, times = fused[152064, 4096]
         print(f"V=152064 s=4096: peak_memory_ratio={statistics.median(peaks):.3f} "
               f"time_ratio={statistics.median(times):.3f} (min {min(times):.3f}, max {max(times):.3f}, "
               f"{len(times)} repeats)")
+    if (152064, 4096) in asft:
+        peaks, times = asft[152064, 4096]
+        print(f"V=152064 s=4096: asft peak_memory_ratio={statistics.median(peaks):.3f} (min {min(peaks):.3f}, max "
+              f"{max(peaks):.3f}) time_ratio={statistics.median(times):.3f} (asft_fused over asft_full, "
+              f"{len(peaks)} repeats)")
     return 0
 
 

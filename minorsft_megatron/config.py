@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from minorsft_megatron.errors import UserError
-from minorsft_megatron.loss import LOSSES, REF_SUMS
+from minorsft_megatron.loss import LOSSES, REF_LOGITS, REF_SUMS
 
 DTYPES = ("bf16", "fp16", "fp32")
 OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
@@ -137,8 +137,12 @@ class PrecisionConfig:
 @dataclass
 class LossConfig:
     name: str = "minor_sft"
-    """sft | sft_seq | minor_sft | sft_dpo | dft | iw_sft | iw_sft_token (README's losses table)."""
+    """sft | sft_seq | minor_sft | sft_dpo | dft | iw_sft | iw_sft_token | asft | sft_kl (README's losses table)."""
     beta: float = 0.04
+    """MinorSFT's and SFT-using-DPO's beta (the paper: 0.04); also sets the logged weights 2 sigmoid(-beta D)."""
+    kl_coef: float = 0.1
+    """lambda of asft and sft_kl: the weight of KL(pi_ref || pi_theta) at each answer token (ASFT's code uses 0.1,
+    its README 0.05)."""
     logprob_chunk_size: int = 256
     """Positions whose logits exist at a time: the output layer and the log-probs run fused, chunk by chunk,
     without a full-vocabulary logits tensor (training, the co-located reference, score, generate); 0: the model
@@ -539,6 +543,10 @@ def _validate_precision_and_loss(c: TrainConfig, source: str) -> None:
     _require(c.precision.loss_scale_window >= 1, source, "precision.loss_scale_window", "must be at least 1")
     _choice(c.loss.name, tuple(LOSSES), source, "loss.name")
     _require(c.loss.beta > 0, source, "loss.beta", "must be positive")
+    _require(c.loss.kl_coef > 0, source, "loss.kl_coef", "must be positive")
+    _require(REF_LOGITS not in LOSSES[c.loss.name].reads or c.loss.logprob_chunk_size > 0, source,
+             "loss.logprob_chunk_size", f"loss {c.loss.name} computes the KL to the reference fused, chunk by chunk: "
+             "must be > 0")
     _require(c.loss.logprob_chunk_size >= 0, source, "loss.logprob_chunk_size", "must be >= 0 (0: off)")
 
 
@@ -597,6 +605,13 @@ def _validate_reference(c: TrainConfig, source: str) -> None:
     if r.micro_batch_size is not None:
         _require(r.micro_batch_size >= 1 and r.micro_batch_size % d.micro_batch_size == 0, source,
                  "reference.micro_batch_size", f"must be a multiple of data.micro_batch_size {d.micro_batch_size}")
+    if REF_LOGITS in LOSSES[c.loss.name].reads:  # the reference's final hidden states, per policy micro-batch
+        _require(r.mode in ("colocated", "base", None), source, "reference.mode",
+                 f"loss {c.loss.name} reads the reference's whole distribution: colocated (or base with LoRA)")
+        _require(r.micro_batch_size in (None, d.micro_batch_size), source, "reference.micro_batch_size",
+                 f"loss {c.loss.name} keeps the reference's hidden states per policy micro-batch: leave it unset")
+        _require(not r.offload, source, "reference.offload",
+                 f"loss {c.loss.name} uses the reference's output layer in the policy's loss: keep it on the device")
     if r.mode == "cache":
         _require(LOSSES[c.loss.name].reads <= {REF_SUMS}, source, "reference.mode",
                  f"cache holds per-sample sums; loss {c.loss.name} reads the reference's per-token log-probs "

@@ -29,7 +29,7 @@ from minorsft_megatron.logprobs import (
     concat_log_probs,
     sequence_log_probs,
 )
-from minorsft_megatron.loss import REF_TOKENS, LossSpec, get_loss, loss_and_stats, metrics_from_stats
+from minorsft_megatron.loss import REF_LOGITS, REF_TOKENS, LossSpec, get_loss, loss_and_stats, metrics_from_stats
 from minorsft_megatron.model import forward_kwargs, unwrap
 
 
@@ -43,26 +43,32 @@ class SFTLossFunction:
     denominator and the statistics.
     """
 
-    def __init__(self, loss: str | LossSpec, beta: float, log_probs: OutputLogProbs, cp_group=None):
+    def __init__(self, loss: str | LossSpec, beta: float, log_probs: OutputLogProbs, cp_group=None,
+                 kl_coef: float = 0.1, reference_log_probs: OutputLogProbs | None = None):
         self.spec = get_loss(loss) if isinstance(loss, str) else loss
-        self.beta = beta
+        self.beta, self.kl_coef = beta, kl_coef
+        self.reference_log_probs = reference_log_probs
+        """The reference's output head (its weight), for the losses reading REF_LOGITS (batch.ref_hidden)."""
         self.log_probs = log_probs
         """How the model's output becomes label log-probs (from logits, or fused from hidden states)."""
         self.cp_group = cp_group
         self.counts_here = cp_group is None or dist.get_rank(cp_group) == 0
 
     def __call__(self, batch: SFTBatch, output: torch.Tensor):
-        token_logp = self.log_probs(output, batch.labels)  # [b, s], differentiable
+        token_logp, kl = self._token_log_probs(batch, output)  # [b, s] each, differentiable (kl: or None)
         values = [token_logp, torch.ones_like(token_logp), token_logp.detach().exp()]  # log p_t, 1, p_t
+        if kl is not None:
+            values.append(kl.detach())
         if self.spec.level == "token":
             if REF_TOKENS in self.spec.reads and batch.ref_token_logp is None:
                 raise ValueError("this loss reads the reference's per-token log-probs: the micro-batch has none")
-            values.append(self.spec.fn(token_logp, batch.ref_token_logp, self.beta))  # per-token loss [b, s]
-        sums = answer_sums(batch, values, self.cp_group)  # [3 or 4, n]
+            values.append(self.spec.fn(token_logp, batch.ref_token_logp, kl, self.beta, self.kl_coef))  # [b, s]
+        sums = answer_sums(batch, values, self.cp_group)  # [3 to 5, n]
         logp_sum, num_answer_tokens = sums[0], sums[1].detach().round().to(torch.int64)
         loss_sum, denominator, sum_stats, max_stats = loss_and_stats(
             self.spec, logp_sum, batch.ref_logp_sum, num_answer_tokens, self.beta,
-            token_loss_sum=sums[3] if len(values) == 4 else None, token_prob_sum=sums[2].detach())
+            token_loss_sum=sums[-1] if self.spec.level == "token" else None, token_prob_sum=sums[2].detach(),
+            kl_sum=sums[3] if kl is not None else None)
         if not self.counts_here:
             denominator, sum_stats = denominator * 0, sum_stats * 0
         stats = {
@@ -74,18 +80,31 @@ class SFTLossFunction:
         return loss_sum, denominator.to(torch.int), stats
 
 
+    def _token_log_probs(self, batch: SFTBatch, output: torch.Tensor):
+        """This micro-batch's per-position label log-probs, and the KL to the reference where the loss reads it."""
+        if REF_LOGITS not in self.spec.reads:
+            return self.log_probs(output, batch.labels), None
+        if batch.ref_hidden is None or self.reference_log_probs is None:
+            raise ValueError("this loss reads the reference's distribution: no reference hidden states or head")
+        return self.log_probs.with_kl(output, batch.labels, batch.ref_hidden, self.reference_log_probs)
+
+
 class LogProbCollector:
     """The non-loss-data function of a forward-only pass: each micro-batch's `SequenceLogProbs`, no loss."""
 
-    def __init__(self, log_probs: OutputLogProbs, cp_group=None, keep_token_log_probs: bool = False):
+    def __init__(self, log_probs: OutputLogProbs, cp_group=None, keep_token_log_probs: bool = False,
+                 keep_hidden: bool = False):
         self.log_probs = log_probs
         self.cp_group = cp_group
         self.keep_token_log_probs = keep_token_log_probs
-        """Also keep every position's label log-prob `[b, s]` (score --per-token)."""
+        """Also keep every position's label log-prob `[b, s]` (score --per-token, losses reading REF_TOKENS)."""
+        self.keep_hidden = keep_hidden
+        """Also keep the model's output, its final hidden states (losses reading REF_LOGITS)."""
 
     def __call__(self, batch: SFTBatch, output: torch.Tensor, non_loss_data: bool = True) -> SequenceLogProbs:
         result = sequence_log_probs(batch, output, self.log_probs, self.cp_group, self.keep_token_log_probs)
-        return result._replace(logp_sum=result.logp_sum.detach())
+        return result._replace(logp_sum=result.logp_sum.detach(),
+                               hidden=output.detach() if self.keep_hidden else None)
 
 
 def packed_seq_params(batch: SFTBatch):
@@ -178,7 +197,7 @@ def forward_log_prob_parts(model: list, batches: list[SFTBatch], collector: LogP
     return _run_schedule(model, batches, collector, seq_length, micro_batch_size, forward_only=True)
 
 
-def reduce_step_metrics(losses_reduced: list[dict], dp_cp_group, has_reference: bool) -> dict:
+def reduce_step_metrics(losses_reduced: list[dict], dp_cp_group, has_reference: bool, has_kl: bool = False) -> dict:
     """One step's metrics from the per-micro-batch statistics of the last pipeline stage.
 
     Collectives: one all-reduce (sum) and one all-reduce (max) over `dp_cp_group`, once per step.
@@ -188,4 +207,4 @@ def reduce_step_metrics(losses_reduced: list[dict], dp_cp_group, has_reference: 
     max_stats = torch.stack([d["max_stats"] for d in losses_reduced]).amax(dim=0)
     all_reduce(sum_stats, dist.ReduceOp.SUM, dp_cp_group)
     all_reduce(max_stats, dist.ReduceOp.MAX, dp_cp_group)
-    return metrics_from_stats(sum_stats, max_stats, has_reference)
+    return metrics_from_stats(sum_stats, max_stats, has_reference, has_kl)

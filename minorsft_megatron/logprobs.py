@@ -161,6 +161,8 @@ class SequenceLogProbs(NamedTuple):
     """[n] int64 answer tokens of each sample."""
     token_logp: torch.Tensor | None = None
     """[b, s] detached log-prob of every position's label (this CP rank's positions), when asked for."""
+    hidden: torch.Tensor | None = None
+    """The last stage's output (final hidden states) for this rank's positions, detached, when asked for."""
 
 
 def sequence_log_probs(batch: SFTBatch, output: torch.Tensor, log_probs: "OutputLogProbs", cp_group,
@@ -191,7 +193,7 @@ def answer_sums(batch: SFTBatch, token_values: list[torch.Tensor], cp_group) -> 
 
 
 def concat_log_probs(parts: list[SequenceLogProbs]) -> SequenceLogProbs:
-    """Several micro-batches' results as one, samples (and rows) in order."""
+    """Several micro-batches' results as one, samples (and rows) in order (per-sample fields and token log-probs)."""
     tokens = None if parts[0].token_logp is None else torch.cat([p.token_logp for p in parts])
     return SequenceLogProbs(torch.cat([p.logp_sum for p in parts]),
                             torch.cat([p.num_answer_tokens for p in parts]), tokens)
@@ -328,6 +330,22 @@ class _FusedOutputLogProbs(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
+def _gathered_hidden(hidden: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
+    """`[b, s, h]` hidden states as the output layer takes them: gathered over TP along the sequence under sequence
+    parallelism (backward: reduce-scatter), else entering the TP region (backward: all-reduce)."""
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+
+    if _rank_and_size(tp_group)[1] > 1 and sequence_parallel:  # gathered along the sequence, [s/tp, b, h] first
+        return gather_from_sequence_parallel_region(hidden.transpose(0, 1), tensor_parallel_output_grad=True,
+                                                    group=tp_group).transpose(0, 1)  # [b, s, h]
+    if _rank_and_size(tp_group)[1] > 1:  # no transposes: megatron-core all-reduces a gradient in place only
+        return copy_to_tensor_model_parallel_region(hidden, group=tp_group)  # when it is contiguous
+    return hidden
+
+
 def fused_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                     tp_group=None, sequence_parallel: bool = False, chunk_size: int = 1024) -> torch.Tensor:
     """Log-probability of each label from the final hidden states and the output layer's weight, without the
@@ -345,21 +363,128 @@ def fused_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         states (all-gather under SP; its backward an all-reduce or reduce-scatter), 2 all-reduces over
         `tp_group` in forward (whatever the number of chunks) and none in backward.
     """
-    from megatron.core.tensor_parallel.mappings import (
-        copy_to_tensor_model_parallel_region,
-        gather_from_sequence_parallel_region,
-    )
-
-    if _rank_and_size(tp_group)[1] > 1 and sequence_parallel:  # gathered along the sequence, [s/tp, b, h] first
-        hidden = gather_from_sequence_parallel_region(hidden.transpose(0, 1), tensor_parallel_output_grad=True,
-                                                      group=tp_group).transpose(0, 1)  # [b, s, h]
-    elif _rank_and_size(tp_group)[1] > 1:  # no transposes: megatron-core all-reduces a gradient in place only
-        hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)  # when it is contiguous
+    hidden = _gathered_hidden(hidden, tp_group, sequence_parallel)
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden states {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
     flat = hidden.reshape(-1, hidden.size(-1)).to(weight.dtype)  # [b * s, h]
     logp = _FusedOutputLogProbs.apply(flat, weight, labels.reshape(-1), vocab_size, tp_group, chunk_size)
     return logp.view(labels.shape)
+
+
+# ---- fused output layer + log-probs + KL to the reference (ASFT, sft_kl) -------------------------------------
+
+def _pad_columns(vocab_size: int, vocab_start: int, width: int) -> int | None:
+    """The first padded column of this shard (None: every column is real)."""
+    return max(vocab_size - vocab_start, 0) if vocab_size < vocab_start + width else None
+
+
+class _FusedLogProbsAndKL(torch.autograd.Function):
+    """Per position, log p(label) and KL(pi_ref || pi_theta) over the full vocabulary, from both models' final hidden
+    states and output weights, `chunk` positions at a time, the vocabulary split over `tp_group`; the reference is a
+    constant.
+
+    With z the policy's logits and r the reference's: KL = sum_v p_r (r - z) - lse(r) + lse(z). Forward, per chunk:
+    both logits `[c, V/tp]`, each shard's maxes, sums of exp and the cross term sum_v exp(r - max_r) (r - z), and
+    the label's logit. Then, once for all positions: an all-reduce (max) of `[2, N]` and one (sum) of `[4, N]`,
+    the shard sums rescaled to the global maxes. Keeps each position's two log-sum-exps.
+    Backward, per chunk: both logits again, d/dz = g_logp (onehot - p_z) + g_kl (p_z - p_r), this shard's part of
+    the hidden states' gradient and the weight's (into `main_grad` where DDP keeps one), as _FusedOutputLogProbs.
+    Peak memory: four `[chunk, V/tp]` buffers (two per model), never a full-vocabulary tensor."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, labels, vocab_size, tp_group, chunk):
+        rank, world_size = _rank_and_size(tp_group)
+        width = weight.size(0)
+        vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(width, rank, world_size)
+        pad = _pad_columns(vocab_size, vocab_start, width)
+        rows = min(chunk, hidden.size(0))
+        policy, reference = _ChunkBuffers(rows, weight), _ChunkBuffers(rows, ref_weight)
+        math_dtype = _math_dtype(weight.dtype)
+        n = hidden.size(0)
+        shard_max = torch.empty(2, n, dtype=math_dtype, device=hidden.device)  # [2, N] policy, reference
+        sums = torch.empty(4, n, dtype=math_dtype, device=hidden.device)  # label logit, sum exp z, sum exp r, cross
+        for start in range(0, n, chunk):
+            part = slice(start, start + chunk)
+            z = policy.logits(hidden[part], weight, vocab_size, vocab_start)  # [c, V/tp]
+            r = reference.logits(ref_hidden[part], ref_weight, vocab_size, vocab_start)  # [c, V/tp]
+            shard_max[0, part], shard_max[1, part] = z.max(dim=-1).values, r.max(dim=-1).values
+            column, here = _label_columns(labels[part], vocab_start, width)
+            sums[0, part] = torch.where(here, z.gather(-1, column[:, None])[:, 0], 0.0)
+            finite = torch.where(shard_max[:, part] == float("-inf"), 0.0, shard_max[:, part])  # [2, c]
+            difference = r - z  # [c, V/tp]; padded columns -inf - -inf: set to 0 below
+            if pad is not None:
+                difference[:, pad:] = 0.0
+            sums[1, part] = z.sub_(finite[0, :, None]).exp_().sum(dim=-1)
+            r = r.sub_(finite[1, :, None]).exp_()  # exp(r - shard max)
+            sums[2, part] = r.sum(dim=-1)
+            sums[3, part] = (r * difference).sum(dim=-1)
+        global_max = shard_max.clone()
+        all_reduce(global_max, dist.ReduceOp.MAX, tp_group)  # [2, N]
+        scale = torch.exp(shard_max - global_max)  # [2, N] each shard's sums to the global maxes
+        sums[1].mul_(scale[0])
+        sums[2:].mul_(scale[1])
+        all_reduce(sums, dist.ReduceOp.SUM, tp_group)
+        lse = global_max + sums[1:3].log()  # [2, N] log-sum-exp of z and of r
+        kl = sums[3] / sums[2] - lse[1] + lse[0]  # [N]
+        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, labels, lse)
+        ctx.meta = (vocab_size, vocab_start, chunk)
+        return sums[0] - lse[0], kl
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_kl):
+        hidden, weight, ref_hidden, ref_weight, labels, lse = ctx.saved_tensors
+        vocab_size, vocab_start, chunk = ctx.meta
+        into_main_grad = hasattr(weight, "grad_added_to_main_grad") and hasattr(weight, "main_grad")
+        grad_weight = weight.main_grad if into_main_grad else torch.zeros_like(weight, dtype=lse.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        rows = min(chunk, hidden.size(0))
+        policy, reference = _ChunkBuffers(rows, weight), _ChunkBuffers(rows, ref_weight)
+        block = None if grad_weight.dtype == weight.dtype else \
+            torch.empty(min(WGRAD_BLOCK, weight.size(0)), weight.size(1), dtype=weight.dtype, device=weight.device)
+        zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+        grad_logp = zero.expand(lse.size(1)) if grad_logp is None else grad_logp
+        grad_kl = zero.expand(lse.size(1)) if grad_kl is None else grad_kl
+        for start in range(0, hidden.size(0), chunk):
+            part = slice(start, start + chunk)
+            g, k = grad_logp[part].to(lse.dtype), grad_kl[part].to(lse.dtype)  # [c]
+            p_z = policy.logits(hidden[part], weight, vocab_size, vocab_start).sub_(lse[0, part, None]).exp_()
+            p_r = reference.logits(ref_hidden[part], ref_weight, vocab_size, vocab_start).sub_(
+                lse[1, part, None]).exp_()
+            d_logits = p_z.mul_((k - g)[:, None]).sub_(p_r.mul_(k[:, None]))  # [c, V/tp]: (k - g) p_z - k p_r
+            column, here = _label_columns(labels[part], vocab_start, weight.size(0))
+            d_logits[here, column[here]] += g[here]
+            d_logits = policy.in_weight_dtype(d_logits.masked_fill_(((g == 0) & (k == 0))[:, None], 0.0))
+            torch.mm(d_logits, weight, out=grad_hidden[part])  # [c, h]
+            _add_weight_grad(grad_weight, d_logits, hidden[part], block)
+        if into_main_grad:
+            weight.grad_added_to_main_grad = True
+            shape = dict(dtype=hidden.dtype, device=hidden.device)
+            dummy = torch.zeros(weight.shape, **shape) if getattr(weight, "zero_out_wgrad", False) else \
+                torch.empty(weight.shape, **shape)
+            return grad_hidden, dummy, None, None, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None
+
+
+def fused_log_probs_and_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
+                           ref_weight: torch.Tensor, labels: torch.Tensor, vocab_size: int, tp_group=None,
+                           sequence_parallel: bool = False, chunk_size: int = 1024):
+    """(log p(label) `[b, s]`, KL(pi_ref || pi_theta) `[b, s]`) at every position, float32 (float64 for a float64
+    weight), the same on every TP rank, from the policy's final hidden states and output weight (differentiable) and
+    the reference's (constants), without either model's full-vocabulary logits (_FusedLogProbsAndKL).
+
+    Args: `hidden`, `ref_hidden` `[b, s, h]` (under sequence parallelism `[b, s/tp, h]`, gathered over `tp_group`);
+    `weight`, `ref_weight` `[V/tp, h]`; `labels` `[b, s]`. Collectives: the output layer's on the hidden states
+    (the reference's gathered too under SP), 2 all-reduces over `tp_group` in forward, none in backward.
+    """
+    hidden, ref_hidden = (_gathered_hidden(h, tp_group, sequence_parallel) for h in (hidden, ref_hidden))
+    if hidden.shape[:-1] != labels.shape or ref_hidden.shape != hidden.shape:
+        raise ValueError(f"hidden states {tuple(hidden.shape)}, reference hidden states {tuple(ref_hidden.shape)} "
+                         f"and labels {tuple(labels.shape)} disagree")
+    flat = hidden.reshape(-1, hidden.size(-1)).to(weight.dtype)  # [b * s, h]
+    ref_flat = ref_hidden.detach().reshape(-1, ref_hidden.size(-1)).to(ref_weight.dtype)
+    logp, kl = _FusedLogProbsAndKL.apply(flat, weight, ref_flat, ref_weight.detach(), labels.reshape(-1), vocab_size,
+                                         tp_group, chunk_size)
+    return logp.view(labels.shape), kl.view(labels.shape)
 
 
 @dataclass
@@ -384,6 +509,15 @@ class OutputLogProbs:
             return vocab_parallel_log_probs(output, labels, self.vocab_size, self.tp_group)
         return fused_log_probs(output, self.weight(), labels, self.vocab_size, self.tp_group,
                                self.sequence_parallel, self.chunk_size)
+
+    def with_kl(self, output: torch.Tensor, labels: torch.Tensor, ref_output: torch.Tensor,
+                reference: "OutputLogProbs") -> tuple[torch.Tensor, torch.Tensor]:
+        """(`[b, s]` log-probs of `labels`, `[b, s]` KL(pi_ref || pi_theta) at each position) from this model's final
+        hidden states `output` and the reference's `ref_output` with its weight (fused_log_probs_and_kl)."""
+        if self.chunk_size == 0 or reference.chunk_size == 0:
+            raise ValueError("the KL to the reference is computed fused only (loss.logprob_chunk_size > 0)")
+        return fused_log_probs_and_kl(output, self.weight(), ref_output, reference.weight(), labels, self.vocab_size,
+                                      self.tp_group, self.sequence_parallel, self.chunk_size)
 
     def last_position_logits(self, output: torch.Tensor) -> torch.Tensor:
         """`[b, V/tp]` logits of the last position of each row (greedy decoding), whichever the output is."""

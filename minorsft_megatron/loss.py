@@ -8,7 +8,8 @@ A loss is one of two kinds. A SEQUENCE-level loss maps, for `n` sequences of one
 to a per-sequence loss `[n]`. A TOKEN-level loss maps each position's
     token_logp        [...] float  log p_t = log pi_theta(y_t | x, y_<t)                  (differentiable)
     ref_token_logp    [...] float  log pi_ref(y_t | x, y_<t), or None                     (constant)
-    beta              float > 0
+    kl                [...] float  KL(pi_ref || pi_theta) over the vocabulary at t, or None (differentiable)
+    beta, kl_coef     float > 0
 to a per-token loss `[...]`, which the caller sums over each sequence's answer tokens (selection, not
 multiplication: other positions never reach the sum). Either way the per-sequence losses are summed BEFORE
 division by the global denominator the loss declares: the number of sequences or of answer tokens in the whole
@@ -30,6 +31,7 @@ TOKENS = "tokens"
 
 REF_SUMS = "ref_sums"  # the reference's per-sequence sums (ref_logp_sum): a cache can serve them
 REF_TOKENS = "ref_tokens"  # the reference's per-token log-probs (ref_token_logp): a reference model must run
+REF_LOGITS = "ref_logits"  # the reference's whole next-token distribution: kl = KL(pi_ref || pi_theta) per token
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,11 @@ class LossSpec:
 
     fn: Callable[..., torch.Tensor]
     """SEQUENCE level: fn(logp_sum, ref_logp_sum, num_answer_tokens, beta) -> [n] per-sequence loss.
-    TOKEN level: fn(token_logp, ref_token_logp, beta) -> per-token loss of token_logp's shape."""
+    TOKEN level: fn(token_logp, ref_token_logp, kl, beta, kl_coef) -> per-token loss of token_logp's shape."""
     denominator: Literal["sequences", "tokens"]
     """SEQUENCES: divide by the number of sequences with m > 0; TOKENS: by the number of answer tokens."""
     reads: frozenset = frozenset()
-    """Of REF_SUMS and REF_TOKENS, what fn reads beside the policy's log-probs."""
+    """Of REF_SUMS, REF_TOKENS and REF_LOGITS, what fn reads beside the policy's log-probs."""
     level: Literal["sequence", "token"] = "sequence"
 
     @property
@@ -57,7 +59,7 @@ def register_loss(name: str, denominator: str, reads: tuple = (), level: str = "
     """Decorator adding a loss function to LOSSES under `name`."""
     if denominator not in (SEQUENCES, TOKENS):
         raise ValueError(f"denominator must be {SEQUENCES!r} or {TOKENS!r}, got {denominator!r}")
-    if level not in ("sequence", "token") or not set(reads) <= {REF_SUMS, REF_TOKENS}:
+    if level not in ("sequence", "token") or not set(reads) <= {REF_SUMS, REF_TOKENS, REF_LOGITS}:
         raise ValueError(f"bad level {level!r} or reads {reads!r}")
 
     def add(fn):
@@ -168,19 +170,33 @@ def iw_sft_loss(logp_sum, ref_logp_sum, num_answer_tokens, beta):
 
 
 @register_loss("dft", denominator=TOKENS, level="token")
-def dft_loss(token_logp, ref_token_logp, beta):
+def dft_loss(token_logp, ref_token_logp, kl, beta, kl_coef):
     """DFT (arXiv 2508.05629): -stopgrad(p_t) * log p_t per answer token, divided by the global number of answer
     tokens. beta is not used."""
     return -torch.exp(token_logp.detach()) * token_logp
 
 
 @register_loss("iw_sft_token", denominator=TOKENS, reads=(REF_TOKENS,), level="token")
-def iw_sft_token_loss(token_logp, ref_token_logp, beta):
+def iw_sft_token_loss(token_logp, ref_token_logp, kl, beta, kl_coef):
     """iw-SFT's token-level variant: -stopgrad(clamp(p_t / p_ref,t, 0.2, 1.8)) * log p_t per answer token, divided
     by the global number of answer tokens. beta is not used."""
     low, high = IW_SFT_TOKEN_CLIP
     weight = torch.exp(token_logp.detach() - ref_token_logp.detach()).clamp(low, high)
     return -weight * token_logp
+
+
+@register_loss("asft", denominator=TOKENS, reads=(REF_LOGITS,), level="token")
+def asft_loss(token_logp, ref_token_logp, kl, beta, kl_coef):
+    """ASFT (arXiv 2509.23753): DFT's -stopgrad(p_t) * log p_t plus kl_coef * KL(pi_ref || pi_theta) over the full
+    vocabulary at each answer token, divided by the global number of answer tokens."""
+    return dft_loss(token_logp, ref_token_logp, kl, beta, kl_coef) + kl_coef * kl
+
+
+@register_loss("sft_kl", denominator=TOKENS, reads=(REF_LOGITS,), level="token")
+def sft_kl_loss(token_logp, ref_token_logp, kl, beta, kl_coef):
+    """KL-regularised SFT (ASFT's "sft+kl" mode): -log p_t + kl_coef * KL(pi_ref || pi_theta) per answer token,
+    divided by the global number of answer tokens."""
+    return -token_logp + kl_coef * kl
 
 
 # -------------------------------------------------------------------------------- sums for one batch
@@ -198,16 +214,18 @@ SUM_STATS = (
     "reward_sum",  # sum of beta * D
     "weight_sum",  # sum of 2 sigmoid(-beta D)
     "token_prob_sum",  # sum over answer tokens of p_t                -> token_prob_mean (DFT's mean sg(p_t))
+    "kl_sum",  # sum over answer tokens of KL(pi_ref || pi_theta)  -> kl_mean (losses reading REF_LOGITS)
 )
 MAX_STATS = ("weight_max", "neg_weight_min")  # reduced with MAX; weight_min = -neg_weight_min
 
 
 def loss_and_stats(spec: LossSpec, logp_sum, ref_logp_sum, num_answer_tokens, beta, token_loss_sum=None,
-                   token_prob_sum=None):
+                   token_prob_sum=None, kl_sum=None):
     """The loss summed over this micro-batch's sequences, its denominator, and detached statistics.
 
     `token_loss_sum` [n]: for a token-level loss, each sequence's sum of spec.fn over its answer tokens
-    (differentiable). `token_prob_sum` [n]: each sequence's sum of p_t over its answer tokens (NaN when absent).
+    (differentiable). `token_prob_sum`, `kl_sum` [n]: each sequence's sums of p_t and of the KL to the reference over
+    its answer tokens (NaN when absent).
     Returns:
         loss_sum: scalar, differentiable; divide by the GLOBAL denominator (never by a local one).
         denominator: scalar int64, this micro-batch's share of the global denominator.
@@ -236,7 +254,8 @@ def loss_and_stats(spec: LossSpec, logp_sum, ref_logp_sum, num_answer_tokens, be
         "num_empty_sequences": (~valid).sum().double(),
         "num_answer_tokens": num_tokens.double(),
         "logp_per_token_sum": _per_token(logp, m).sum(),
-        "token_prob_sum": zero + float("nan") if token_prob_sum is None else token_prob_sum.detach().double().sum(),
+        "token_prob_sum": _total(token_prob_sum, zero),
+        "kl_sum": _total(kl_sum, zero),
     }
     max_stats = logp.new_full((len(MAX_STATS),), float("-inf"))
     if ref_logp_sum is None:
@@ -258,12 +277,19 @@ def loss_and_stats(spec: LossSpec, logp_sum, ref_logp_sum, num_answer_tokens, be
     return loss_sum, denominator.to(torch.int64), sum_stats, max_stats
 
 
-def metrics_from_stats(sum_stats: torch.Tensor, max_stats: torch.Tensor, has_reference: bool) -> dict:
+def _total(values, zero):
+    """The detached float64 sum of `values` [n], NaN when there are none."""
+    return zero + float("nan") if values is None else values.detach().double().sum()
+
+
+def metrics_from_stats(sum_stats: torch.Tensor, max_stats: torch.Tensor, has_reference: bool,
+                       has_kl: bool = False) -> dict:
     """Divide the globally reduced statistics once. Returns detached 0-d tensors keyed by metric name.
 
     loss, m_theta (mean of D/m), weight_mean/min/max (2 sigmoid(-beta D)), reward_mean (beta D),
     logp_per_token / ref_logp_per_token (means of logp_sum/m, ref_logp_sum/m), token_prob_mean (the mean over
-    answer tokens of p_t: what DFT weighs each token by), and the counts.
+    answer tokens of p_t: what DFT weighs each token by), kl_mean (with `has_kl`: the mean over answer tokens of
+    KL(pi_ref || pi_theta)), and the counts.
     """
     s = dict(zip(SUM_STATS, sum_stats.unbind()))
     n = s["num_sequences"].clamp(min=1)
@@ -275,6 +301,8 @@ def metrics_from_stats(sum_stats: torch.Tensor, max_stats: torch.Tensor, has_ref
         "num_answer_tokens": s["num_answer_tokens"],
         "token_prob_mean": s["token_prob_sum"] / s["num_answer_tokens"].clamp(min=1),
     }
+    if has_kl:
+        metrics["kl_mean"] = s["kl_sum"] / s["num_answer_tokens"].clamp(min=1)
     if has_reference:
         metrics.update(
             m_theta=s["deviation_per_token_sum"] / n,

@@ -90,11 +90,15 @@ def score_into(micro_batches, model, collector, seq_length: int, micro_batch_siz
     batches = [merge_micro_batches(group) for group in groups]
     parts = forward_log_prob_parts([model], batches, collector, seq_length, micro_batch_size * k)
     for group, merged, part in zip(groups, batches, parts):  # none off the last pipeline stage
-        sums = part.logp_sum.detach().split([len(mb.sample_index) for mb in group])
+        sums = part.logp_sum.detach().split([mb.num_samples for mb in group])
         for mb, ref_logp_sum in zip(group, sums):
             mb.ref_logp_sum = ref_logp_sum
         if part.token_logp is not None:
             _attach_token_log_probs(group, merged, part.token_logp, collector.cp_group)
+        if part.hidden is not None:
+            if len(group) > 1:
+                raise ValueError("reference hidden states are kept per policy micro-batch: score them unmerged")
+            group[0].ref_hidden = part.hidden
 
 
 def _attach_token_log_probs(group, merged, token_logp: torch.Tensor, cp_group) -> None:

@@ -36,7 +36,7 @@ from minorsft_megatron.config import (
 from minorsft_megatron.data.dataset import BatchSettings, SFTBatches, SFTDataset
 from minorsft_megatron.device import peak_memory_gib, setup_device
 from minorsft_megatron.forward_step import LogProbCollector, SFTLossFunction, forward_backward, reduce_step_metrics
-from minorsft_megatron.loss import LOSSES, REF_TOKENS
+from minorsft_megatron.loss import LOSSES, REF_LOGITS, REF_TOKENS
 from minorsft_megatron.metrics_log import MetricsLog
 from minorsft_megatron.model import build_model, moe_layer_pattern, output_log_probs, unwrap
 from minorsft_megatron.reference import BaseReference, CachedReference, ColocatedReference
@@ -153,18 +153,27 @@ def build_reference(cfg: TrainConfig, policy: Policy, vocab: int, device, pgs, d
     if mode == "cache":
         return CachedReference(cfg.reference.cache, dataset.fingerprint, start_id)
     merge = (cfg.reference.micro_batch_size or cfg.data.micro_batch_size) // cfg.data.micro_batch_size
-    per_token = REF_TOKENS in LOSSES[cfg.loss.name].reads  # the loss reads the reference's per-token log-probs
+    reads = LOSSES[cfg.loss.name].reads  # per-token log-probs, or hidden states for the KL, beside the sums
+    keep = dict(keep_token_log_probs=REF_TOKENS in reads, keep_hidden=REF_LOGITS in reads)
     if mode == "base":
         log_probs = output_log_probs(policy.model, cfg.loss.logprob_chunk_size, vocab, pgs.tp, cfg.parallel.sp)
-        return BaseReference(policy.ddp, LogProbCollector(log_probs, pgs.cp, per_token), cfg.data.seq_length,
+        return BaseReference(policy.ddp, LogProbCollector(log_probs, pgs.cp, **keep), cfg.data.seq_length,
                              cfg.data.micro_batch_size, merge=merge)
     model, _ = build_model(cfg, transformer_engine.role_precision(cfg, "reference"), vocab, device, initialize=False)
     base_weights = {k: v for k, v in unwrap(policy.model).state_dict().items() if not lora.is_adapter_key(k)}
     unwrap(model).load_state_dict(base_weights)  # cast to the reference's dtype
     log_probs = output_log_probs(model, cfg.loss.logprob_chunk_size, vocab, pgs.tp, cfg.parallel.sp)
-    collector = LogProbCollector(log_probs, pgs.cp, per_token)
+    collector = LogProbCollector(log_probs, pgs.cp, **keep)
     return ColocatedReference(model, collector, device, cfg.data.seq_length, cfg.data.micro_batch_size,
                               offload=cfg.reference.offload, merge=merge)
+
+
+def policy_loss(cfg: TrainConfig, policy: Policy, vocab: int, pgs, reference) -> SFTLossFunction:
+    """The loss function megatron-core's schedule calls; the reference's output head where the loss reads its
+    whole distribution (the co-located model's, or with LoRA the policy's own)."""
+    log_probs = output_log_probs(policy.model, cfg.loss.logprob_chunk_size, vocab, pgs.tp, cfg.parallel.sp)
+    head = reference.collector.log_probs if REF_LOGITS in LOSSES[cfg.loss.name].reads else None
+    return SFTLossFunction(cfg.loss.name, cfg.loss.beta, log_probs, pgs.cp, cfg.loss.kl_coef, head)
 
 
 def routing_statistics(cfg: TrainConfig, policy: Policy) -> moe.RoutingStatistics | None:
@@ -225,11 +234,10 @@ def setup(cfg: TrainConfig, source: str) -> Run:
     total_steps = min(total_steps, cfg.train_steps or total_steps)
     policy = build_policy(cfg, vocab, device, total_steps)
     start_id, hf_origin = load_start(cfg, policy)
+    reference = build_reference(cfg, policy, vocab, device, pgs, dataset, start_id)
     run = Run(cfg, device, pgs, dataset, vocab, batches=None, total_steps=total_steps,
-              stop_at=min(total_steps, cfg.stop_at_step or total_steps), policy=policy,
-              reference=build_reference(cfg, policy, vocab, device, pgs, dataset, start_id),
-              loss_fn=SFTLossFunction(cfg.loss.name, cfg.loss.beta, cp_group=pgs.cp, log_probs=output_log_probs(
-                  policy.model, cfg.loss.logprob_chunk_size, vocab, pgs.tp, cfg.parallel.sp)),
+              stop_at=min(total_steps, cfg.stop_at_step or total_steps), policy=policy, reference=reference,
+              loss_fn=policy_loss(cfg, policy, vocab, pgs, reference),
               save_dir=save_dir, start_id=start_id, hf_origin=hf_origin, lock=lock,
               routing=routing_statistics(cfg, policy))
     resumed_from = resume(run)
@@ -456,7 +464,8 @@ def train_step(run: Run, micro_batches) -> dict:
     run.iteration, run.consumed = run.iteration + 1, run.consumed + d.global_batch_size
     metrics = {}
     if parallel_state.is_pipeline_last_stage():
-        metrics = reduce_step_metrics(stats, run.pgs.dp_cp, has_reference=run.reference is not None)
+        metrics = reduce_step_metrics(stats, run.pgs.dp_cp, has_reference=run.reference is not None,
+                                      has_kl=REF_LOGITS in run.loss_fn.spec.reads)
     if run.routing is not None:  # every rank
         p = run.cfg.parallel
         metrics.update(run.routing.reduce(len(micro_batches), dist.group.WORLD, p.tp, p.cp, run.pgs.dp.size(), p.sp))

@@ -18,8 +18,11 @@ import torch
 from tests.distributed import spawn
 
 VOCAB, SEQ = 13, 16
-LOSSES = ("minor_sft", "sft", "dft", "iw_sft", "iw_sft_token")
-SCORED = ("iw_sft", "iw_sft_token")
+LOSSES = ("minor_sft", "sft", "dft", "iw_sft", "iw_sft_token", "asft", "sft_kl")
+KL = ("asft", "sft_kl")
+"""Losses reading the reference's whole distribution: the fused head only, the reference's hidden states kept."""
+KL_COEF = 0.1
+SCORED = ("iw_sft", "iw_sft_token") + KL
 """The losses whose reference inputs come from a second stand-in scored through reference.score_into (per-token
 log-probs too, under CP scattered back to the full layout; two micro-batches merged into one)."""
 BETA = 0.04
@@ -60,6 +63,13 @@ def stand_in_log_probs(samples: Samples, table, out, i: int) -> tuple[torch.Tens
     return (table[ids[:-1]] @ out.t()).log_softmax(-1).gather(-1, ids[1:, None])[:, 0], mask
 
 
+def stand_in_kl(samples: Samples, table, out, ref_table, ref_out, i: int) -> torch.Tensor:
+    """KL(pi_ref || pi_theta) over the whole vocabulary at each of sample i's positions (float64)."""
+    ids = torch.from_numpy(samples.tokens(i))[:-1]
+    log_p, log_r = (table[ids] @ out.t()).log_softmax(-1), (ref_table[ids] @ ref_out.t()).log_softmax(-1)
+    return (log_r.exp() * (log_r - log_p)).sum(-1)
+
+
 def expected(samples: Samples, table: torch.Tensor, out: torch.Tensor, loss: str, ref_table, ref_out):
     """float64: per-sample answer log-prob sums and counts, the loss over all samples, d loss / d (table, out)."""
     table = table.double().clone().requires_grad_()
@@ -75,12 +85,16 @@ def expected(samples: Samples, table: torch.Tensor, out: torch.Tensor, loss: str
             token_terms.append(-(logp.detach().exp() * logp)[mask.bool()])
         if loss == "iw_sft_token":  # clamp(p_t / p_ref,t, 0.2, 1.8) * -log p_t
             token_terms.append(-((logp.detach() - ref_logp).exp().clamp(0.2, 1.8) * logp)[mask.bool()])
+        if loss in KL:  # DFT's term (asft) or the NLL (sft_kl), plus lambda KL(pi_ref || pi_theta)
+            kl = stand_in_kl(samples, table, out, ref_table, ref_out, i)
+            nll = -(logp.detach().exp() * logp) if loss == "asft" else -logp
+            token_terms.append((nll + KL_COEF * kl)[mask.bool()])
     logp_sum, m = torch.stack(sums), torch.tensor(counts, dtype=torch.float64)
     valid = m > 0
     ref = torch.stack(ref_sums) if loss in SCORED else torch.from_numpy(samples.ref_logp_sum)
     if loss == "sft":
         value = -logp_sum[valid].sum() / m[valid].sum()
-    elif loss in ("dft", "iw_sft_token"):
+    elif loss in ("dft", "iw_sft_token") + KL:
         value = torch.cat(token_terms).sum() / m.sum()
     elif loss == "iw_sft":  # clamp(exp(D / m), 0, 16) on the summed NLL
         value = -(torch.exp((logp_sum.detach() - ref) / m.clamp(min=1)).clamp(max=16) * logp_sum)[valid].sum() / m.sum()
@@ -149,12 +163,15 @@ def cp_steps(cp: int, table: torch.Tensor, out: torch.Tensor, ref_table: torch.T
                  "fused": OutputLogProbs(VOCAB, pgs.tp, chunk_size=3, weight=lambda: reference.out)}
     results = {}
     for (layout, head), loss in itertools.product(itertools.product(("rows", "thd"), heads), LOSSES):
+        if loss in KL and head == "logits":
+            continue
         model.hidden_states_out = reference.hidden_states_out = head == "fused"
         batches = micro_batches(Samples(), layout, cp)
         if loss in SCORED:
-            score_into(batches, reference, LogProbCollector(ref_heads[head], pgs.cp, keep_token_log_probs=True),
-                       batches[0].tokens.size(1), batches[0].tokens.size(0), merge=2)
-        loss_fn = SFTLossFunction(loss, BETA, heads[head], cp_group=pgs.cp)
+            collector = LogProbCollector(ref_heads[head], pgs.cp, keep_token_log_probs=True, keep_hidden=loss in KL)
+            score_into(batches, reference, collector, batches[0].tokens.size(1), batches[0].tokens.size(0),
+                       merge=1 if loss in KL else 2)
+        loss_fn = SFTLossFunction(loss, BETA, heads[head], pgs.cp, KL_COEF, ref_heads[head])
         ddp.zero_grad_buffer()
         stats = forward_backward([ddp], batches, loss_fn, batches[0].tokens.size(1), batches[0].tokens.size(0))
         metrics = reduce_step_metrics(stats, pgs.dp_cp, has_reference=True)

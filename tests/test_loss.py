@@ -42,7 +42,8 @@ def reference_loss(name, logp, ref, m, beta):
 
 
 SEQUENCE_LOSSES = ["sft", "sft_seq", "minor_sft", "sft_dpo", "iw_sft"]
-TOKEN_LOSSES = ["dft", "iw_sft_token"]
+TOKEN_LOSSES = ["dft", "iw_sft_token", "asft", "sft_kl"]
+KL_COEF = 0.1
 
 
 def test_registry_holds_the_losses():
@@ -51,6 +52,7 @@ def test_registry_holds_the_losses():
     assert {get_loss(n).denominator for n in ("sft_seq", "minor_sft", "sft_dpo")} == {"sequences"}
     assert {n for n, spec in LOSSES.items() if spec.level == "token"} == set(TOKEN_LOSSES)
     assert not get_loss("dft").needs_reference and get_loss("iw_sft_token").reads == {"ref_tokens"}
+    assert get_loss("asft").reads == get_loss("sft_kl").reads == {"ref_logits"}
     with pytest.raises(ValueError, match="unknown loss 'dpo'"):
         get_loss("dpo")
 
@@ -84,11 +86,15 @@ def random_tokens(n=10, length=15, seed=0):
     return token_logp, ref_token_logp, mask
 
 
-def reference_token_loss(name, token_logp, ref_token_logp, mask):
+def reference_token_loss(name, token_logp, ref_token_logp, kl, mask):
     """The global-batch token-level loss in float64, from the papers: a mean over all answer tokens."""
-    logp, ref = token_logp[mask], ref_token_logp[mask]
+    logp, ref, kl = token_logp[mask], ref_token_logp[mask], kl[mask]
     if name == "dft":  # arXiv 2508.05629 eq. 9: sg(p_t) * -log p_t
         return -(torch.exp(logp).detach() * logp).sum() / mask.sum()
+    if name == "asft":  # arXiv 2509.23753: DFT + lambda KL(pi_ref || pi_theta)
+        return (-(torch.exp(logp).detach() * logp) + KL_COEF * kl).sum() / mask.sum()
+    if name == "sft_kl":  # NLL + lambda KL(pi_ref || pi_theta)
+        return (-logp + KL_COEF * kl).sum() / mask.sum()
     if name == "iw_sft_token":  # clamp(p_t / p_ref,t, 0.2, 1.8), detached
         return -((torch.exp(logp) / torch.exp(ref)).detach().clamp(0.2, 1.8) * logp).sum() / mask.sum()
     raise AssertionError(name)
@@ -101,16 +107,18 @@ def test_token_level_value_and_gradient_match_float64_reference(name, seed):
     from minorsft_megatron.logprobs import answer_sums
 
     token_logp, ref_token_logp, mask = random_tokens(seed=seed)
-    want_in = token_logp.clone().requires_grad_()
-    expected = reference_token_loss(name, want_in, ref_token_logp, mask)
+    kl = torch.rand(mask.shape, generator=torch.Generator().manual_seed(seed + 10), dtype=torch.float64)
+    want_in, want_kl = token_logp.clone().requires_grad_(), kl.clone().requires_grad_()
+    expected = reference_token_loss(name, want_in, ref_token_logp, want_kl, mask)
     expected.backward()
-    got_in = token_logp.float().requires_grad_()
+    got_in, got_kl = token_logp.float().requires_grad_(), kl.float().requires_grad_()
     garbage = torch.where(mask, got_in, torch.full_like(got_in, float("inf")))  # off the answer: never summed
+    kl_garbage = torch.where(mask, got_kl, torch.full_like(got_kl, float("nan")))
     spec = get_loss(name)
     batch = SFTBatch(tokens=torch.zeros(mask.shape, dtype=torch.long), labels=torch.zeros(mask.shape, dtype=torch.long),
                      loss_mask=mask.float(), position_ids=torch.zeros(mask.shape, dtype=torch.long))
-    sums = answer_sums(batch, [garbage, torch.ones_like(garbage), spec.fn(garbage, ref_token_logp.float(), BETA)],
-                       None)
+    per_token = spec.fn(garbage, ref_token_logp.float(), kl_garbage, BETA, KL_COEF)
+    sums = answer_sums(batch, [garbage, torch.ones_like(garbage), per_token], None)
     ref_sum = (ref_token_logp * mask).sum(-1).float()
     loss_sum, denominator, stats, _ = loss_and_stats(spec, sums[0], ref_sum, sums[1].round().long(), BETA,
                                                      token_loss_sum=sums[2], token_prob_sum=sums[0].detach().exp())
@@ -118,6 +126,9 @@ def test_token_level_value_and_gradient_match_float64_reference(name, seed):
     loss.backward()
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got_in.grad.double(), want_in.grad, rtol=1e-5, atol=1e-9)
+    if got_kl.grad is not None or want_kl.grad is not None:
+        torch.testing.assert_close(got_kl.grad.double(), want_kl.grad, rtol=1e-5, atol=1e-9)
+        assert torch.all(got_kl.grad[~mask] == 0)
     assert torch.all(got_in.grad[~mask] == 0) and torch.isfinite(loss)
 
 

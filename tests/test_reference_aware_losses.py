@@ -1,7 +1,9 @@
-"""DFT and iw-SFT through the training command: at step 1 the co-located reference is the policy, so every iw-SFT
-weight (p / p_ref per token, exp(D / m) per sequence) is exactly 1 and their step-1 loss is raw SFT's token-mean NLL
-bit for bit, which holds only if the reference's per-token log-probs land on the policy's positions (packed rows at
-PP 2, two policy micro-batches scored as one). The float64 formulas and layouts are in test_loss.py,
+"""DFT, iw-SFT, ASFT and sft_kl through the training command: at step 1 the co-located reference is the policy, so
+every iw-SFT weight (p / p_ref per token, exp(D / m) per sequence) is exactly 1 and their step-1 loss is raw SFT's
+token-mean NLL bit for bit, which holds only if the reference's per-token log-probs land on the policy's positions
+(packed rows at PP 2, two policy micro-batches scored as one); and the full-vocabulary KL of ASFT and sft_kl is
+exactly 0, their step-1 losses DFT's and SFT's, which holds only if the reference's hidden states and output
+weight reach the policy's loss position by position. The float64 formulas and layouts are in test_loss.py,
 test_gradients_vs_transformers.py and test_context_parallel.py."""
 
 import pytest
@@ -13,7 +15,8 @@ from tests.train_workers import metrics, run_commands, tiny_config
 def test_iw_sft_starts_as_sft_and_dft_trains_without_a_reference(tmp_path, data_prefix):
     config = tiny_config(tmp_path, data_prefix, parallel={"pp": 2}, data={"packing": True},
                          reference={"micro_batch_size": 8})
-    runs = {"sft": [], "iw_sft": [], "iw_sft_token": [], "dft": ["reference.mode=none"]}
+    runs = {"sft": [], "iw_sft": [], "iw_sft_token": [], "dft": ["reference.mode=none"],
+            "asft": ["reference.micro_batch_size=4"], "sft_kl": ["reference.micro_batch_size=4"]}
     spawn(2, run_commands, [("train", ["--config", config, "train_steps=3", f"loss.name={name}",
                                        f"output_dir={tmp_path / name}", *extra]) for name, extra in runs.items()],
           out_dir=tmp_path / "job", timeout=400)
@@ -23,6 +26,11 @@ def test_iw_sft_starts_as_sft_and_dft_trains_without_a_reference(tmp_path, data_
         assert first["loss"] == got["sft"][0]["loss"] and first["m_theta"] == 0.0, name
         last = got[name][-1]  # the weighted loss may grow as weights exp(D / m) do: the answers' NLL falls
         assert last["m_theta"] > 0.0 and last["logp_per_token"] > first["logp_per_token"], name
+    for name, unregularised in (("asft", "dft"), ("sft_kl", "sft")):  # KL(pi_ref || pi_theta) = 0 exactly at step 1
+        first, last = got[name][0], got[name][-1]
+        assert first["kl_mean"] == 0.0 and first["loss"] == got[unregularised][0]["loss"], name
+        assert last["kl_mean"] > 0.0 and last["logp_per_token"] > first["logp_per_token"], name
+    assert "kl_mean" not in got["sft"][0]
     dft = got["dft"]
     assert "m_theta" not in dft[0] and 0 < dft[0]["token_prob_mean"] < 1
     assert dft[-1]["token_prob_mean"] > dft[0]["token_prob_mean"]  # DFT raises the answer tokens' probabilities
@@ -39,3 +47,9 @@ def test_a_cache_cannot_serve_per_token_reference_log_probs(tmp_path, data_prefi
         load_config(config, ["loss.name=iw_sft_token", "reference.mode=cache", f"reference.cache={cache}"])
     with pytest.raises(ConfigError, match=r"reference.mode: .*loss iw_sft needs a reference"):
         load_config(config, ["loss.name=iw_sft", "reference.mode=none"])
+    with pytest.raises(ConfigError, match=r"reference.mode: loss asft reads the reference's whole distribution"):
+        load_config(config, ["loss.name=asft", "reference.mode=cache", f"reference.cache={cache}"])
+    with pytest.raises(ConfigError, match=r"reference.micro_batch_size: loss sft_kl keeps the reference's hidden"):
+        load_config(config, ["loss.name=sft_kl", "reference.micro_batch_size=8"])
+    with pytest.raises(ConfigError, match=r"loss.logprob_chunk_size: loss asft computes the KL .* must be > 0"):
+        load_config(config, ["loss.name=asft", "loss.logprob_chunk_size=0"])

@@ -71,6 +71,10 @@ class SFTBatch:
     ref_token_logp: torch.Tensor | None = None
     """[b, s] float32 each position's label log-prob under the frozen reference, for the losses that read it
     (loss.REF_TOKENS); under context parallelism only this rank's positions are filled."""
+    ref_hidden: torch.Tensor | None = None
+    """The frozen reference's final hidden states on this rank, as its last pipeline stage output them: [b, s/cp, h]
+    ([b, s/(cp tp), h] under sequence parallelism), already this rank's context-parallel share (not split again),
+    for the losses that read the reference's distribution (loss.REF_LOGITS)."""
 
     def to(self, device: torch.device) -> "SFTBatch":
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
