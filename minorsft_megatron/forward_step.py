@@ -79,7 +79,6 @@ class SFTLossFunction:
         }
         return loss_sum, denominator.to(torch.int), stats
 
-
     def _token_log_probs(self, batch: SFTBatch, output: torch.Tensor):
         """This micro-batch's per-position label log-probs, and the KL to the reference where the loss reads it."""
         if REF_LOGITS not in self.spec.reads:
