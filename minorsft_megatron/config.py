@@ -606,7 +606,7 @@ def _validate_reference(c: TrainConfig, source: str) -> None:
         _require(r.micro_batch_size >= 1 and r.micro_batch_size % d.micro_batch_size == 0, source,
                  "reference.micro_batch_size", f"must be a multiple of data.micro_batch_size {d.micro_batch_size}")
     if REF_LOGITS in LOSSES[c.loss.name].reads:  # the reference's final hidden states, per policy micro-batch
-        _require(r.mode in ("colocated", "base", None), source, "reference.mode",
+        _require(r.mode in ("colocated", "base"), source, "reference.mode",
                  f"loss {c.loss.name} reads the reference's whole distribution: colocated (or base with LoRA)")
         _require(r.micro_batch_size in (None, d.micro_batch_size), source, "reference.micro_batch_size",
                  f"loss {c.loss.name} keeps the reference's hidden states per policy micro-batch: leave it unset")

@@ -254,6 +254,39 @@ def _add_weight_grad(accumulator: torch.Tensor, d_logits: torch.Tensor, hidden: 
         accumulator[rows].add_(torch.mm(product, hidden, out=block[:product.size(0)]))
 
 
+class _WeightGradient:
+    """The output weight's gradient during a fused op's backward: added into `weight.main_grad` where megatron-core's
+    DDP keeps one (its gradient-accumulation-fusion protocol), else into a fresh tensor in `dtype`; a
+    `[WGRAD_BLOCK, h]` block when the accumulator's dtype is not the weight's (_add_weight_grad)."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        self.weight = weight
+        self.into_main_grad = hasattr(weight, "grad_added_to_main_grad") and hasattr(weight, "main_grad")
+        self.accumulator = weight.main_grad if self.into_main_grad else torch.zeros_like(weight, dtype=dtype)
+        self.block = None if self.accumulator.dtype == weight.dtype else \
+            torch.empty(min(WGRAD_BLOCK, weight.size(0)), weight.size(1), dtype=weight.dtype, device=weight.device)
+
+    def add_chunk(self, buffers: "_ChunkBuffers", d_logits: torch.Tensor, no_gradient: torch.Tensor, labels, g,
+                  vocab_start: int, hidden: torch.Tensor, grad_hidden: torch.Tensor) -> None:
+        """One chunk's end of backward: the labels' onehot term `g` added into `d_logits` `[c, V/tp]` (math dtype),
+        rows `no_gradient` `[c]` zeroed (0 * nan stays out), then this shard's hidden-state gradient into
+        `grad_hidden` `[c, h]` and the weight's into the accumulator."""
+        column, here = _label_columns(labels, vocab_start, self.weight.size(0))
+        d_logits[here, column[here]] += g[here]
+        d_logits = buffers.in_weight_dtype(d_logits.masked_fill_(no_gradient[:, None], 0.0))
+        torch.mm(d_logits, self.weight, out=grad_hidden)  # [c, h]
+        _add_weight_grad(self.accumulator, d_logits, hidden, self.block)
+
+    def result(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What backward returns for the weight: a placeholder once main_grad holds the gradient, else the gradient."""
+        if not self.into_main_grad:
+            return self.accumulator.to(self.weight.dtype)
+        self.weight.grad_added_to_main_grad = True
+        shape = dict(dtype=hidden.dtype, device=hidden.device)
+        return torch.zeros(self.weight.shape, **shape) if getattr(self.weight, "zero_out_wgrad", False) else \
+            torch.empty(self.weight.shape, **shape)
+
+
 def _label_columns(labels: torch.Tensor, vocab_start: int, width: int):
     """(this shard's column of each label, whether the label is on this shard) for `labels` `[c]`."""
     local = labels - vocab_start
@@ -305,29 +338,17 @@ class _FusedOutputLogProbs(torch.autograd.Function):
     def backward(ctx, grad_logp):
         hidden, weight, labels, lse = ctx.saved_tensors
         vocab_size, vocab_start, chunk = ctx.meta
-        into_main_grad = hasattr(weight, "grad_added_to_main_grad") and hasattr(weight, "main_grad")
-        grad_weight = weight.main_grad if into_main_grad else torch.zeros_like(weight, dtype=lse.dtype)
+        weight_grad = _WeightGradient(weight, lse.dtype)
         grad_hidden = torch.empty_like(hidden)
         buffers = _ChunkBuffers(min(chunk, hidden.size(0)), weight)
-        block = None if grad_weight.dtype == weight.dtype else \
-            torch.empty(min(WGRAD_BLOCK, weight.size(0)), weight.size(1), dtype=weight.dtype, device=weight.device)
         for start in range(0, hidden.size(0), chunk):
             part = slice(start, start + chunk)
             g = grad_logp[part].to(lse.dtype)  # [c]
             softmax = buffers.logits(hidden[part], weight, vocab_size, vocab_start).sub_(lse[part, None]).exp_()
             d_logits = softmax.mul_(-g[:, None])  # [c, V/tp]: g * (onehot - softmax), the onehot next
-            column, here = _label_columns(labels[part], vocab_start, weight.size(0))
-            d_logits[here, column[here]] += g[here]
-            d_logits = buffers.in_weight_dtype(d_logits.masked_fill_((g == 0)[:, None], 0.0))  # 0 * nan stays out
-            torch.mm(d_logits, weight, out=grad_hidden[part])  # [c, h]
-            _add_weight_grad(grad_weight, d_logits, hidden[part], block)
-        if into_main_grad:
-            weight.grad_added_to_main_grad = True
-            shape = dict(dtype=hidden.dtype, device=hidden.device)
-            dummy = torch.zeros(weight.shape, **shape) if getattr(weight, "zero_out_wgrad", False) else \
-                torch.empty(weight.shape, **shape)
-            return grad_hidden, dummy, None, None, None, None
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+            weight_grad.add_chunk(buffers, d_logits, g == 0, labels[part], g, vocab_start, hidden[part],
+                                  grad_hidden[part])
+        return grad_hidden, weight_grad.result(hidden), None, None, None, None
 
 
 def _gathered_hidden(hidden: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
@@ -434,13 +455,10 @@ class _FusedLogProbsAndKL(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_kl):
         hidden, weight, ref_hidden, ref_weight, labels, lse = ctx.saved_tensors
         vocab_size, vocab_start, chunk = ctx.meta
-        into_main_grad = hasattr(weight, "grad_added_to_main_grad") and hasattr(weight, "main_grad")
-        grad_weight = weight.main_grad if into_main_grad else torch.zeros_like(weight, dtype=lse.dtype)
+        weight_grad = _WeightGradient(weight, lse.dtype)
         grad_hidden = torch.empty_like(hidden)
         rows = min(chunk, hidden.size(0))
         policy, reference = _ChunkBuffers(rows, weight), _ChunkBuffers(rows, ref_weight)
-        block = None if grad_weight.dtype == weight.dtype else \
-            torch.empty(min(WGRAD_BLOCK, weight.size(0)), weight.size(1), dtype=weight.dtype, device=weight.device)
         zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
         grad_logp = zero.expand(lse.size(1)) if grad_logp is None else grad_logp
         grad_kl = zero.expand(lse.size(1)) if grad_kl is None else grad_kl
@@ -451,18 +469,9 @@ class _FusedLogProbsAndKL(torch.autograd.Function):
             p_r = reference.logits(ref_hidden[part], ref_weight, vocab_size, vocab_start).sub_(
                 lse[1, part, None]).exp_()
             d_logits = p_z.mul_((k - g)[:, None]).sub_(p_r.mul_(k[:, None]))  # [c, V/tp]: (k - g) p_z - k p_r
-            column, here = _label_columns(labels[part], vocab_start, weight.size(0))
-            d_logits[here, column[here]] += g[here]
-            d_logits = policy.in_weight_dtype(d_logits.masked_fill_(((g == 0) & (k == 0))[:, None], 0.0))
-            torch.mm(d_logits, weight, out=grad_hidden[part])  # [c, h]
-            _add_weight_grad(grad_weight, d_logits, hidden[part], block)
-        if into_main_grad:
-            weight.grad_added_to_main_grad = True
-            shape = dict(dtype=hidden.dtype, device=hidden.device)
-            dummy = torch.zeros(weight.shape, **shape) if getattr(weight, "zero_out_wgrad", False) else \
-                torch.empty(weight.shape, **shape)
-            return grad_hidden, dummy, None, None, None, None, None, None
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None
+            weight_grad.add_chunk(policy, d_logits, (g == 0) & (k == 0), labels[part], g, vocab_start, hidden[part],
+                                  grad_hidden[part])
+        return grad_hidden, weight_grad.result(hidden), None, None, None, None, None, None
 
 
 def fused_log_probs_and_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
