@@ -54,15 +54,18 @@ def test_study_runs_end_to_end_on_a_tiny_corpus(tmp_path):
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
     assert sorted((r["method"], r["seed"]) for r in runs) == sorted(
-        (m, s) for m in ("sft_seq", "sft_dpo", "minor_sft") for s in (1, 2))
+        (m, s) for m in run.METHODS for s in (1, 2))
+    assert set(run.METHODS) >= {"sft_seq", "sft_dpo", "minor_sft", "dft", "asft", "iw_sft"}
     for r in runs:
         # Step 1 is measured before any update: the policy is the base the fp32 reference cache was scored with.
         assert abs(r["m_theta_steps"][0]) < 1e-5
         assert 0.0 <= r["acc_b_test"] <= 1.0 and r["nll_a_test"] > 0
         assert len(r["m_theta_steps"]) == run.SMOKE_SIZES["b_train"] // 32  # one epoch at global batch 32
-    assert set(results["best"]) == {"sft_seq", "sft_dpo", "minor_sft"}
+    assert set(results["best"]) == set(run.METHODS)
     report = (out / "report.md").read_text()
-    for claim in ("1. MinorSFT deviates less", "2. At its best learning rate", "3. MinorSFT needs a higher"):
+    claims = ("1. MinorSFT deviates less", "2. At its best learning rate", "3. MinorSFT needs a higher",
+              *(f"not the paper's: MinorSFT beats {name}" for name in ("DFT", "ASFT", "iw-SFT")))
+    for claim in claims:
         verdict = results["verdicts"][next(c for c in results["verdicts"] if c.startswith(claim))]["verdict"]
         assert verdict in ("holds", "does not hold", "not resolved at this scale")
         assert claim in report

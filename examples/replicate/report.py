@@ -17,10 +17,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from run import METHODS, best_setting, mean_std, settings  # noqa: E402
+from run import FAMILY, METHODS, best_setting, mean_std, settings  # noqa: E402
 
-LABELS = {"sft_seq": "raw SFT (sft_seq)", "sft_dpo": "SFT using DPO (sft_dpo)", "minor_sft": "MinorSFT (minor_sft)"}
-COLORS = {"sft_seq": "tab:blue", "sft_dpo": "tab:orange", "minor_sft": "tab:green"}
+LABELS = {"sft_seq": "raw SFT (sft_seq)", "sft_dpo": "SFT using DPO (sft_dpo)", "minor_sft": "MinorSFT (minor_sft)",
+          "dft": "DFT (dft)", "asft": "ASFT (asft)", "iw_sft": "iw-SFT (iw_sft)"}
+COLORS = {"sft_seq": "tab:blue", "sft_dpo": "tab:orange", "minor_sft": "tab:green", "dft": "tab:red",
+          "asft": "tab:purple", "iw_sft": "tab:brown"}
 
 
 def values(runs: list[dict], key: str) -> list[float]:
@@ -118,6 +120,24 @@ def verdict_accuracy(groups: dict, best: dict) -> tuple[str, list[str]]:
     return WORDS[claim_sign(signs)], notes
 
 
+# What "MinorSFT beats X" means against each loss of the reference-aware family: higher task-B test accuracy,
+# higher task-A test accuracy (retention) and a lower final training m_theta, each at the method's best setting.
+FAMILY_MEASURES = (("task B test accuracy", "acc_b_test", 1), ("task A test accuracy", "acc_a_test", 1),
+                   ("final training m_theta", "m_theta_steps", -1))
+
+
+def verdict_family(groups: dict, best: dict, other: str) -> tuple[str, list[str]]:
+    """Not the paper's: MinorSFT against `other` on the three measures, each at its best setting. It holds when all
+    three count in MinorSFT's favour, does not hold when one counts against it."""
+    notes, signs = [], []
+    for title, key, better in FAMILY_MEASURES:
+        diff, se, sign = compare(values(groups[best["minor_sft"]], key), values(groups[best[other]], key))
+        signs.append(sign * better)
+        notes.append(f"{title}, minor_sft minus {other}: {diff:+.3f} (SE {se:.3f}; "
+                     f"{'higher' if better > 0 else 'lower'} is better)")
+    return WORDS[claim_sign(signs)], notes
+
+
 def verdict_learning_rate(groups: dict, best: dict) -> tuple[str, list[str]]:
     """Claim 3: MinorSFT's best learning rate is above raw SFT's. Resolved only when each method's dev accuracy at
     its own best learning rate beats its accuracy at the other's by more than 2 SE (for equal best learning
@@ -170,8 +190,7 @@ def figure_m_theta(path: str, groups: dict, best: dict, paper_beta: float) -> No
     """Like the paper's Figure 1: m_theta over the steps, each method at its best setting; and all at raw SFT's
     best learning rate (sft_dpo and minor_sft at the paper's beta)."""
     lr = best["sft_seq"][1]
-    same = {"sft_seq": best["sft_seq"], "sft_dpo": ("sft_dpo", lr, paper_beta),
-            "minor_sft": ("minor_sft", lr, paper_beta)}
+    same = {m: (m, lr, paper_beta if m in ("sft_dpo", "minor_sft") else None) for m in METHODS}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, keys in zip(axes, (best, same)):
         for m in METHODS:
@@ -190,7 +209,7 @@ def figure_m_theta(path: str, groups: dict, best: dict, paper_beta: float) -> No
 
 def figure_best_accuracy(path: str, groups: dict, best: dict, base: dict) -> None:
     """Like the paper's Figure 2: task-B test accuracy of each method at its best setting; and task-A retention."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
     names = ["base"] + list(METHODS)
     for ax, key, title in ((axes[0], "acc_b_test", "task B (new skill): test exact match"),
                            (axes[1], "acc_a_test", "task A (pre-training skills): test exact match")):
@@ -211,7 +230,7 @@ def figure_lr_sweep(path: str, groups: dict) -> None:
     line per beta."""
     rows = (("acc_b_test", "task B test accuracy"), ("acc_a_test", "task A test accuracy"),
             ("m_theta_steps", "final training m_theta"))
-    fig, axes = plt.subplots(len(rows), len(METHODS), figsize=(13, 9), sharex=True, sharey="row")
+    fig, axes = plt.subplots(len(rows), len(METHODS), figsize=(4.3 * len(METHODS), 9), sharex=True, sharey="row")
     for j, m in enumerate(METHODS):
         betas = sorted({k[2] for k in groups if k[0] == m}, key=lambda b: b or 0)
         for n, beta in enumerate(betas):
@@ -279,6 +298,8 @@ def write(out: str, base: dict, results: list[dict], args, minutes: float) -> No
     verdicts = {"1. MinorSFT deviates less than raw SFT and SFT using DPO": verdict_deviation(groups, best, paper_beta),
                 "2. At its best learning rate MinorSFT scores higher on the new task": verdict_accuracy(groups, best),
                 "3. MinorSFT needs a higher learning rate than raw SFT": verdict_learning_rate(groups, best)}
+    verdicts.update({f"not the paper's: MinorSFT beats {LABELS[m].split(' (')[0]} on task B, task A and m_theta":
+                     verdict_family(groups, best, m) for m in FAMILY})
     lines = [f"# Replication study: {len(results)} fine-tuning runs, {args.seeds} seeds, {minutes:.1f} min",
              "", "## Best setting of each method (chosen on task B dev)", ""]
     lines += table(groups, [best[m] for m in METHODS], base)
@@ -293,7 +314,7 @@ def write(out: str, base: dict, results: list[dict], args, minutes: float) -> No
     lines += ["", "## Every setting, all measures", ""] + table(groups, sorted(groups, key=key_order), None)
     lines += ["", "Figures: " + ", ".join(figures), ""]
     atomic_text(os.path.join(out, "report.md"), "\n".join(lines))
-    summary = {"minutes": minutes, "args": vars(args), "base": base, "best": {m: list(best[m]) for m in METHODS},
+    summary = {"minutes": minutes, "args": vars(args), "base": base, "best": {m: list(k) for m, k in best.items()},
                "verdicts": {c: {"verdict": w, "notes": n} for c, (w, n) in verdicts.items()}, "runs": results}
     atomic_text(os.path.join(out, "results.json"), json.dumps(summary, indent=1))
 

@@ -10,8 +10,8 @@
 3. Scores the base model (`minorsft_megatron.score`): on task B's training set (the reference cache every
    fine-tuning run reads) and on task A's held-out set (the baseline of the retention measures); greedy
    answers of the base model (`minorsft_megatron.generate`) give its accuracies.
-4. Fine-tunes the base on task B: sft_seq over the learning-rate grid, sft_dpo and minor_sft over the
-   learning-rate x beta grid, every seed. Each run is evaluated: greedy exact match on task B dev and test and
+4. Fine-tunes the base on task B: sft_seq, dft, asft and iw_sft over the learning-rate grid, sft_dpo and
+   minor_sft over the learning-rate x beta grid, every seed. Each run is evaluated: greedy exact match on task B dev and test and
    on task A test, and the log-probs of task A test against the base (retention). The best setting of a
    method is chosen on task B *dev* (mean over seeds); the tables report task B *test*.
 5. Writes results.json (every run), report.md (tables, verdicts) and the figures into --out.
@@ -42,8 +42,12 @@ sys.path.insert(0, HERE)
 
 import tasks  # noqa: E402  (examples/replicate/tasks.py)
 
-METHODS = ("sft_seq", "sft_dpo", "minor_sft")
+METHODS = ("sft_seq", "sft_dpo", "minor_sft", "dft", "asft", "iw_sft")
 BETA_METHODS = ("sft_dpo", "minor_sft")
+# The reference-aware SFT family beside MinorSFT (no beta; the paper's claims stay about MinorSFT).
+FAMILY = ("dft", "asft", "iw_sft")
+# ASFT reads the reference's logits, which a cache of sums cannot serve: the reference runs beside the policy.
+COLOCATED = ("asft",)
 SIZES = {"a_train": 20000, "a_test": 400, "b_train": 3200, "b_dev": 200, "b_test": 400}
 SMOKE_SIZES = {"a_train": 640, "a_test": 8, "b_train": 64, "b_dev": 8, "b_test": 8}
 MAX_NEW_TOKENS = tasks.MAX_LEN + 2
@@ -212,9 +216,17 @@ def run_name(method: str, lr: float, beta: float | None, seed: int) -> str:
 
 
 def grid(args) -> list[tuple[str, float, float | None]]:
-    """(method, lr, beta) of every setting; sft_seq has no beta (None)."""
-    return [("sft_seq", lr, None) for lr in args.lrs] + [
+    """(method, lr, beta) of every setting; the methods without a beta have None."""
+    return [(m, lr, None) for m in METHODS if m not in BETA_METHODS for lr in args.lrs] + [
         (m, lr, beta) for m in BETA_METHODS for lr in args.lrs for beta in args.betas]
+
+
+def reference_overrides(method: str, cache: str) -> list[str]:
+    """The base model's fp32 log-prob sums (the cache), or for a loss reading its logits the base itself, run in
+    fp32 beside the policy (the policy's dtype: step-1 m_theta is then 0)."""
+    if method in COLOCATED:
+        return ["reference.mode=colocated", "reference.precision=fp32"]
+    return [f"reference.cache={cache}"]
 
 
 def finetune_job(job: dict) -> dict:
@@ -230,7 +242,8 @@ def finetune_job(job: dict) -> dict:
     base_eval = os.path.join(out, "base_eval")
     call("train", ["--config", os.path.join(HERE, "finetune.yaml"),
                    f"data.prefix={os.path.join(out, 'data', 'b_train')}", f"output_dir={run_dir}",
-                   f"checkpoint.init={job['base']}", f"reference.cache={os.path.join(base_eval, 'logp_b_train.jsonl')}",
+                   f"checkpoint.init={job['base']}",
+                   *reference_overrides(job["method"], os.path.join(base_eval, "logp_b_train.jsonl")),
                    f"loss.name={job['method']}", f"loss.beta={job['beta'] or 0.04}", f"optimizer.lr={job['lr']}",
                    f"seed={job['seed']}", f"data.seed={job['seed']}"])
     ckpt = os.path.join(run_dir, "checkpoints")
