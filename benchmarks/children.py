@@ -80,5 +80,6 @@ def torchrun(nproc: int, module: str, args: list[str]) -> None:
 def step_time_and_memory(run_dir: str) -> tuple[float, float]:
     """A training run's median seconds per step after WARMUP_STEPS, and its peak memory (GiB), from metrics.jsonl."""
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    rows = [r for r in rows if "eval" not in r]  # training steps only
     timed = [r["seconds_per_iteration"] for r in rows[WARMUP_STEPS:]]
     return statistics.median(timed), max(r["memory_gib"] for r in rows)

@@ -15,6 +15,7 @@ complete and selected; the stale `.tmp` is removed by the next save.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -199,10 +200,12 @@ def new_checkpoint_id() -> str:
 
 
 def save(save_dir: str, iteration: int, model, optimizer, state: dict, keep: int | None = None,
-         optimizer_sharding: str | None = None) -> str:
+         optimizer_sharding: str | None = None, protect: int | None = None, best: dict | None = None) -> str:
     """Save on every rank (collective); returns the checkpoint directory. `state` must be the same on all ranks;
     `optimizer_sharding` is the distributed optimizer's sharding type (recorded in the state), None otherwise.
-    A `state["base"]` ({"path", "checkpoint_id"} of the checkpoint a LoRA run adapts) saves the adapters alone."""
+    A `state["base"]` ({"path", "checkpoint_id"} of the checkpoint a LoRA run adapts) saves the adapters alone.
+    `keep` prunes all but the newest `keep` checkpoints, never the one of iteration `protect` (keep_best); `best`,
+    when this save is the new best, is written to SAVE/best_checkpoint.json before anything is pruned."""
     from megatron.core import dist_checkpointing
 
     final = iteration_dir(save_dir, iteration)
@@ -229,7 +232,9 @@ def save(save_dir: str, iteration: int, model, optimizer, state: dict, keep: int
     dist.barrier()
     if dist.get_rank() == 0:
         _commit(tmp, final, save_dir, iteration)
-        _prune(save_dir, keep)
+        if best is not None:
+            write_best(save_dir, best)
+        _prune(save_dir, keep, protect)
     dist.barrier()
     return final
 
@@ -245,12 +250,46 @@ def _commit(tmp: str, final: str, save_dir: str, iteration: int) -> None:
     os.replace(tracker_tmp, os.path.join(save_dir, TRACKER))
 
 
-def _prune(save_dir: str, keep: int | None) -> None:
+def _prune(save_dir: str, keep: int | None, protect: int | None = None) -> None:
     if keep is None:
         return
     names = sorted(n for n in os.listdir(save_dir) if n.startswith("iter_") and n[5:].isdigit())
+    kept = os.path.basename(iteration_dir(save_dir, protect)) if protect is not None else None
     for name in names[:-keep]:
-        shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+        if name != kept:
+            shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+
+
+BEST = "best_checkpoint.json"
+
+
+def write_best(save_dir: str, best: dict) -> None:
+    """SAVE/best_checkpoint.json: {"keep_best", "iteration", "value", "path"}, written atomically."""
+    tmp = os.path.join(save_dir, f"{BEST}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(best, f, indent=1)
+    os.replace(tmp, os.path.join(save_dir, BEST))
+
+
+def read_best(save_dir: str, keep_best: str) -> dict | None:
+    """The best checkpoint a resumed run selected by `keep_best` so far; None when there is none (or it was chosen by
+    another figure, or is gone)."""
+    path = os.path.join(save_dir, BEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            best = json.load(f)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); remove it to choose the best checkpoint anew")
+    if best.get("keep_best") != keep_best or not has_iteration(save_dir, best.get("iteration")):
+        return None
+    return best
+
+
+def has_iteration(save_dir: str, iteration) -> bool:
+    return isinstance(iteration, int) and os.path.isfile(os.path.join(iteration_dir(save_dir, iteration),
+                                                                      "metadata.json"))
 
 
 def _load_part(model, state_dict: dict, adapters: bool, directory: str) -> None:

@@ -180,6 +180,10 @@ class DataConfig:
     epochs: int = 1
     seed: int = 1234
     """Shuffling seed."""
+    valid: dict[str, str] | str | None = None
+    """Held-out sets evaluated during training (logging.eval_interval): {NAME: PREFIX, ...} of datasets written by
+    tools/preprocess_sft_data.py with training's tokenizer and chat template, or one PREFIX (named `valid`);
+    None: no evaluation. Evaluated in sample order with training's seq_length, packing and micro_batch_size."""
 
 
 @dataclass
@@ -238,6 +242,10 @@ class CheckpointConfig:
     weight_decay, train_steps) where it differs from the checkpoint's; without it such a resume is refused."""
     keep: int | None = None
     """Keep the newest N checkpoints (None: all)."""
+    keep_best: str | None = None
+    """SET/METRIC (e.g. held_out/nll_per_token): also keep the saved checkpoint with the best value of that
+    held-out figure (lowest; accuracy: highest), never pruned by `keep`, named in SAVE/best_checkpoint.json. Every
+    save must follow an evaluation: interval a multiple of logging.eval_interval."""
     optimizer_sharding: str = "dp_reshardable"
     """How the distributed optimizer's state is saved (megatron-core's distrib_optim_sharding_type, recorded in
     the checkpoint): dp_reshardable (each rank writes its shard; resumes under another data-parallel size at the
@@ -255,6 +263,16 @@ class LoggingConfig:
     moe_per_layer: bool = False
     """MoE: also log each MoE layer's auxiliary losses and expert load (as Megatron-LM's --moe-per-layer-logging);
     their means over layers (and the worst layer's load) are always logged."""
+    eval_interval: int | None = None
+    """Steps between evaluations of data.valid (also at step 0 and after the last step, as TRL's eval_on_start);
+    None: at step 0 and after the last step only."""
+    eval_samples: int | None = None
+    """Evaluate the first N samples of each set (the same ones every time, whatever the layout); None: all."""
+    eval_generate: int = 0
+    """Every K-th evaluation also decodes greedy answers to each set's prompts and logs their exact-match accuracy
+    (answers cut and compared as `generate` does); 0: never. Needs pp = cp = 1 and no sequence parallelism."""
+    eval_max_new_tokens: int = 64
+    """Longest greedy answer of eval_generate, in tokens."""
 
 
 @dataclass
@@ -288,6 +306,8 @@ def _type_name(tp) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        return f"a mapping of {_type_name(typing.get_args(tp)[1])}"
     return tp.__name__
 
 
@@ -302,6 +322,10 @@ def _check_value(value, tp, where: str):
         if typing.get_origin(option) is list and isinstance(value, list):
             (item,) = typing.get_args(option)
             return [_check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        if typing.get_origin(option) is dict and isinstance(value, dict):
+            key_type, item = typing.get_args(option)
+            return {_check_value(k, key_type, f"{where} (a key)"): _check_value(v, item, f"{where}.{k}")
+                    for k, v in value.items()}
         if option is bool and isinstance(value, bool):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
@@ -626,6 +650,54 @@ def _validate_reference(c: TrainConfig, source: str) -> None:
                  f"loss {c.loss.name} needs a reference (colocated or cache)")
 
 
+KEEP_BEST_METRICS = {"nll_per_token": "lowest", "loss": "lowest", "accuracy": "highest"}
+"""The held-out figures checkpoint.keep_best can select by, and which value is best."""
+
+
+def valid_sets(c: TrainConfig) -> dict[str, str]:
+    """data.valid as {NAME: PREFIX} (one PREFIX is named `valid`); {} without evaluation."""
+    v = c.data.valid
+    return {} if v is None else {"valid": v} if isinstance(v, str) else dict(v)
+
+
+def _validate_eval(c: TrainConfig, source: str) -> None:
+    lg, sets = c.logging, valid_sets(c)
+    _require(c.data.valid != {}, source, "data.valid", "names no set (leave it out for no evaluation)")
+    for name, prefix in sets.items():
+        key = "data.valid" if isinstance(c.data.valid, str) else f"data.valid.{name}"
+        _require(bool(name) and "/" not in name and name == name.strip(), source, key,
+                 "a set's name must be non-empty, without '/' or surrounding spaces")
+        _require(os.path.isfile(f"{prefix}.json"), source, key,
+                 f"{prefix}.json not found (run tools/preprocess_sft_data.py first)")
+    _require(lg.eval_interval is None or lg.eval_interval >= 1, source, "logging.eval_interval", "must be at least 1")
+    _require(lg.eval_samples is None or lg.eval_samples >= 1, source, "logging.eval_samples", "must be at least 1")
+    _require(lg.eval_generate >= 0, source, "logging.eval_generate", "must be >= 0 (0: never)")
+    _require(lg.eval_max_new_tokens >= 1, source, "logging.eval_max_new_tokens", "must be at least 1")
+    if lg.eval_generate:
+        p = c.parallel
+        _require(bool(sets), source, "logging.eval_generate", "needs data.valid")
+        _require(p.pp == 1 and p.cp == 1 and not p.sp, source, "logging.eval_generate",
+                 f"greedy decoding runs whole prompts on each rank: needs parallel.pp 1, cp 1 and sp false (here "
+                 f"pp {p.pp}, cp {p.cp}, sp {str(p.sp).lower()})")
+    _validate_keep_best(c, source, sets)
+
+
+def _validate_keep_best(c: TrainConfig, source: str, sets: dict) -> None:
+    best, ck, lg = c.checkpoint.keep_best, c.checkpoint, c.logging
+    if best is None:
+        return
+    name, _, metric = best.partition("/")
+    _require(name in sets, source, "checkpoint.keep_best",
+             f"{best!r}: SET/METRIC with SET one of data.valid ({', '.join(sets) or 'none given'})")
+    _require(metric in KEEP_BEST_METRICS, source, "checkpoint.keep_best",
+             f"{best!r}: METRIC must be one of {', '.join(KEEP_BEST_METRICS)}")
+    _require(metric != "accuracy" or lg.eval_generate == 1, source, "checkpoint.keep_best",
+             "by accuracy needs logging.eval_generate: 1 (accuracy at every evaluation)")
+    _require(ck.interval > 0 and lg.eval_interval is not None and ck.interval % lg.eval_interval == 0, source,
+             "checkpoint.interval", f"keep_best compares the checkpoints saved right after an evaluation: set "
+             f"checkpoint.interval to a multiple of logging.eval_interval ({lg.eval_interval})")
+
+
 def _validate_checkpoint_and_run(c: TrainConfig, source: str) -> None:
     ck = c.checkpoint
     _require(ck.interval >= 0, source, "checkpoint.interval", "must be >= 0")
@@ -666,7 +738,7 @@ def _validate_lora(c: TrainConfig, source: str) -> None:
 
 
 SECTION_CHECKS = (_validate_model, _validate_parallel, _validate_moe, _validate_precision_and_loss, _validate_optimizer,
-                  _validate_data, _validate_lora, _validate_reference, _validate_checkpoint_and_run)
+                  _validate_data, _validate_lora, _validate_reference, _validate_checkpoint_and_run, _validate_eval)
 """validate() runs these in order; each raises ConfigError naming the first key that is wrong."""
 
 

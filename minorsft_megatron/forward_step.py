@@ -182,6 +182,14 @@ def forward_backward(model: list, batches: list[SFTBatch], loss_function: SFTLos
 
 
 @torch.no_grad()
+def forward_losses(model: list, batches: list[SFTBatch], loss_function: SFTLossFunction, seq_length: int,
+                   micro_batch_size: int) -> list[dict]:
+    """`batches` forward-only through the schedule with the training loss function (held-out evaluation): the
+    per-micro-batch statistics on the last pipeline stage for reduce_step_metrics, [] elsewhere. No gradient."""
+    return _run_schedule(model, batches, loss_function, seq_length, micro_batch_size, forward_only=True)
+
+
+@torch.no_grad()
 def forward_log_probs(model: list, batches: list[SFTBatch], collector: LogProbCollector, seq_length: int,
                       micro_batch_size: int) -> SequenceLogProbs | None:
     """Score `batches` forward-only; on the last pipeline stage every sample's log-probs in order, else None."""

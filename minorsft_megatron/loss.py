@@ -215,6 +215,7 @@ SUM_STATS = (
     "weight_sum",  # sum of 2 sigmoid(-beta D)
     "token_prob_sum",  # sum over answer tokens of p_t                -> token_prob_mean (DFT's mean sg(p_t))
     "kl_sum",  # sum over answer tokens of KL(pi_ref || pi_theta)  -> kl_mean (losses reading REF_LOGITS)
+    "logp_sum",  # sum of logp_sum                 -> nll_per_token (answer NLL per token, token-weighted)
 )
 MAX_STATS = ("weight_max", "neg_weight_min")  # reduced with MAX; weight_min = -neg_weight_min
 
@@ -254,6 +255,7 @@ def loss_and_stats(spec: LossSpec, logp_sum, ref_logp_sum, num_answer_tokens, be
         "num_empty_sequences": (~valid).sum().double(),
         "num_answer_tokens": num_tokens.double(),
         "logp_per_token_sum": _per_token(logp, m).sum(),
+        "logp_sum": (logp * valid).sum(),
         "token_prob_sum": _total(token_prob_sum, zero),
         "kl_sum": _total(kl_sum, zero),
     }
@@ -287,7 +289,8 @@ def metrics_from_stats(sum_stats: torch.Tensor, max_stats: torch.Tensor, has_ref
     """Divide the globally reduced statistics once. Returns detached 0-d tensors keyed by metric name.
 
     loss, m_theta (mean of D/m), weight_mean/min/max (2 sigmoid(-beta D)), reward_mean (beta D),
-    logp_per_token / ref_logp_per_token (means of logp_sum/m, ref_logp_sum/m), token_prob_mean (the mean over
+    logp_per_token / ref_logp_per_token (means of logp_sum/m, ref_logp_sum/m), nll_per_token (-sum logp_sum /
+    sum m: the answer NLL per token, what Megatron-LM's validation loss is), token_prob_mean (the mean over
     answer tokens of p_t: what DFT weighs each token by), kl_mean (with `has_kl`: the mean over answer tokens of
     KL(pi_ref || pi_theta)), and the counts.
     """
@@ -296,6 +299,7 @@ def metrics_from_stats(sum_stats: torch.Tensor, max_stats: torch.Tensor, has_ref
     metrics = {
         "loss": s["loss_sum"] / s["denominator"].clamp(min=1),
         "logp_per_token": s["logp_per_token_sum"] / n,
+        "nll_per_token": -s["logp_sum"] / s["num_answer_tokens"].clamp(min=1),
         "num_sequences": s["num_sequences"],
         "num_empty_sequences": s["num_empty_sequences"],
         "num_answer_tokens": s["num_answer_tokens"],

@@ -65,6 +65,16 @@ class MetricsLog:
         if record["iteration"] % self.interval == 0 or record["iteration"] == self.total_steps:
             self.print(console_line(record, self.total_steps))
 
+    def evaluation(self, record: dict) -> None:
+        """One held-out set's evaluation (eval_record): metrics.jsonl, TensorBoard eval/SET/..., a console line."""
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("eval", "iteration") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"eval/{record['eval']}/{key}", value, record["iteration"])
+        self.print(eval_console_line(record, self.total_steps))
+
     def print(self, line: str) -> None:
         if self.bar is not None:
             self.bar.write(line)
@@ -77,6 +87,18 @@ class MetricsLog:
             self.writer.close()
         if self.bar is not None:
             self.bar.close()
+
+
+EVAL_CONSOLE_KEYS = (
+    ("nll_per_token", "nll/token", "{:.4f}"), ("m_theta", "m_theta", "{:+.4f}"), ("weight_mean", "w_mean", "{:.4f}"),
+    ("weight_min", "w_min", "{:.4f}"), ("loss", "loss", "{:.4f}"), ("accuracy", "accuracy", "{:.4f}"),
+)
+
+
+def eval_console_line(r: dict, total_steps: int) -> str:
+    parts = [f"eval {r['eval']} at iteration {r['iteration']}/{total_steps}", f"samples {int(r['num_samples'])}"]
+    parts += [f"{label} {fmt.format(r[key])}" for key, label, fmt in EVAL_CONSOLE_KEYS if key in r]
+    return " | ".join(parts + [f"s {r['seconds']:.3f}"])
 
 
 def console_line(r: dict, total_steps: int) -> str:

@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from minorsft_megatron import checkpoint, lora, moe, parallel, paths, transformer_engine
+from minorsft_megatron import checkpoint, evaluate, lora, moe, parallel, paths, transformer_engine
 from minorsft_megatron.cli import ArgumentParser, run_main
 from minorsft_megatron.errors import UserError
 from minorsft_megatron.config import (
+    KEEP_BEST_METRICS,
     ConfigError,
     Source,
     TrainConfig,
@@ -97,6 +98,14 @@ class Run:
     """Rank 0's lock on the run directory (paths.DirectoryLock), held until the process ends."""
     routing: moe.RoutingStatistics | None = None
     """An MoE policy's routing figures for the log; None for a dense model."""
+    held_out: list = None
+    """The data.valid sets (evaluate.HeldOutSet); [] without evaluation."""
+    greedy: tuple | None = None
+    """eval_generate: (tokenizer, stop token ids) for greedy answers."""
+    best_value: dict = None
+    """keep_best: {iteration: value} of the selecting figure at evaluations not yet saved."""
+    best: dict | None = None
+    """keep_best: the best saved checkpoint so far (SAVE/best_checkpoint.json), or None."""
 
 
 # ---- building ---------------------------------------------------------------------------------------------------
@@ -231,6 +240,8 @@ def setup(cfg: TrainConfig, source: str) -> Run:
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     settings = batch_settings(cfg, transformer_engine.resolve_spec(cfg.model.spec, device.type))
     total_steps = SFTBatches(dataset, settings, dp_rank, dp_size).num_steps
+    held_out = evaluate.open_held_out_sets(cfg, dataset, settings, dp_rank, dp_size)
+    greedy = greedy_decoding(cfg, dataset, held_out)
     total_steps = min(total_steps, cfg.train_steps or total_steps)
     policy = build_policy(cfg, vocab, device, total_steps)
     start_id, hf_origin = load_start(cfg, policy)
@@ -239,8 +250,10 @@ def setup(cfg: TrainConfig, source: str) -> Run:
               stop_at=min(total_steps, cfg.stop_at_step or total_steps), policy=policy, reference=reference,
               loss_fn=policy_loss(cfg, policy, vocab, pgs, reference),
               save_dir=save_dir, start_id=start_id, hf_origin=hf_origin, lock=lock,
-              routing=routing_statistics(cfg, policy))
+              routing=routing_statistics(cfg, policy), held_out=held_out, greedy=greedy, best_value={})
     resumed_from = resume(run)
+    attach_held_out_references(run)
+    run.best = checkpoint.read_best(run.save_dir, cfg.checkpoint.keep_best) if cfg.checkpoint.keep_best else None
     run.batches = SFTBatches(dataset, settings, dp_rank, dp_size, consumed_samples=run.consumed)
     if parallel.is_logging_rank():
         run.log = open_log(run, resumed_from)
@@ -406,11 +419,33 @@ def save_if_due(run: Run) -> None:
     """Save at every checkpoint.interval and (checkpoint.save_final) at the iteration this invocation stops at."""
     interval, final = run.cfg.checkpoint.interval, run.cfg.checkpoint.save_final
     if (interval and run.iteration % interval == 0) or (final and run.iteration == run.stop_at):
+        protect, best = best_to_keep(run)
         with parameters_gathered(run.policy.ddp):
             path = checkpoint.save(run.save_dir, run.iteration, run.policy.model, run.policy.optimizer,
-                                   state_to_save(run), run.cfg.checkpoint.keep, optimizer_sharding(run.cfg))
+                                   state_to_save(run), run.cfg.checkpoint.keep, optimizer_sharding(run.cfg),
+                                   protect=protect, best=best)
+        run.best = best or run.best
         if run.log is not None:
-            run.log.print(f"saved checkpoint {path}")
+            run.log.print(f"saved checkpoint {path}" + (f" (best {best['keep_best']} {best['value']:.6g})"
+                                                         if best else ""))
+
+
+def best_to_keep(run: Run) -> tuple[int | None, dict | None]:
+    """keep_best: the iteration no prune may remove, and this save's best_checkpoint.json record when it is the
+    new best (else None)."""
+    selector = run.cfg.checkpoint.keep_best
+    if selector is None:
+        return None, None
+    value = run.best_value.pop(run.iteration, None)
+    run.best_value.clear()  # figures of iterations never saved are no candidates
+    kept = run.best["iteration"] if run.best else None
+    if value is None or not math.isfinite(value):
+        return kept, None
+    lowest = KEEP_BEST_METRICS[selector.split("/", 1)[1]] == "lowest"
+    if run.best is not None and not (value < run.best["value"] if lowest else value > run.best["value"]):
+        return kept, None
+    return run.iteration, {"keep_best": selector, "iteration": run.iteration, "value": value,
+                           "path": os.path.abspath(checkpoint.iteration_dir(run.save_dir, run.iteration))}
 
 
 # ---- logging ----------------------------------------------------------------------------------------------------
@@ -433,6 +468,90 @@ def step_record(iteration, consumed, lr, metrics, grad_norm, tokens, seconds, de
                   seconds_per_iteration=seconds, memory_gib=peak_memory_gib(device))
     return record
 
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------------
+
+def greedy_decoding(cfg: TrainConfig, dataset: SFTDataset, held_out: list) -> tuple | None:
+    """eval_generate: training's tokenizer and stop tokens, and each set's prompts (checked to fit)."""
+    if not cfg.logging.eval_generate:
+        return None
+    from minorsft_megatron.data.tokenizer import TokenizerError, load_tokenizer
+    from minorsft_megatron.generate import stop_ids
+
+    path = dataset.meta["tokenizer"].get("path")
+    try:
+        tokenizer = load_tokenizer(path)
+    except (TokenizerError, OSError, TypeError) as err:
+        raise ConfigError(f"logging.eval_generate: decodes answers with data.prefix's tokenizer {path}, which "
+                          f"cannot be loaded here ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
+    for s in held_out:
+        s.prompts = evaluate.prompts_and_answers(s.dataset, s.num_samples)
+        evaluate.check_prompts_fit(s, cfg.logging.eval_max_new_tokens, cfg.model.max_position_embeddings)
+    return tokenizer, stop_ids(tokenizer)
+
+
+def attach_held_out_references(run: Run) -> None:
+    """Each held-out set's reference: the run's reference model, or (cache) its step-0 cache on a resumed run
+    (a fresh run writes it at its first evaluation)."""
+    mode = run.cfg.reference.mode
+    for s in run.held_out:
+        s.reference = run.reference if mode in ("colocated", "base") else None
+    if mode == "cache" and run.iteration > 0:
+        evaluate.attach_cached_references(run.cfg, run.held_out, run.start_id)
+
+
+def evaluate_if_due(run: Run) -> list[dict]:
+    """Evaluate every held-out set when one is due after run.iteration steps; their records on the logging rank."""
+    index = evaluate.evaluation_index(run.cfg, run.iteration, run.total_steps)
+    if not run.held_out or index is None:
+        return []
+    k = run.cfg.logging.eval_generate
+    records = []
+    with parameters_gathered(run.policy.ddp), evaluate.evaluation_mode([run.policy.model]):
+        for s in run.held_out:
+            start = time.perf_counter()
+            metrics = evaluate_held_out(run, s, generate=bool(k) and index % k == 0)
+            record_best_value(run, s, metrics)
+            if run.log is not None:
+                records.append(evaluate.eval_record(s.name, run.iteration, run.consumed, s.num_samples, metrics,
+                                                    time.perf_counter() - start))
+                run.log.evaluation(records[-1])
+    return records
+
+
+def evaluate_held_out(run: Run, s, generate: bool) -> dict:
+    """One set's metrics on the last pipeline stage ({} elsewhere); at step 0 of a fresh cache-mode run, its
+    reference cache is written first."""
+    cfg, d = run.cfg, run.cfg.data
+    shape = (d.seq_length, d.micro_batch_size)
+    if cfg.reference.mode == "cache" and s.reference is None:
+        path = evaluate.cache_path(cfg, s.name)
+        evaluate.write_step0_cache([run.policy.ddp], s, run.loss_fn.log_probs, run.pgs, *shape, run.device,
+                                   evaluate.cache_meta(cfg, s, run.start_id), path)
+        s.reference = evaluate.cached_reference(path, s, run.start_id)
+    metrics = evaluate.evaluate_set([run.policy.ddp], s, run.loss_fn, run.pgs, *shape, run.device,
+                                    has_kl=REF_LOGITS in run.loss_fn.spec.reads)
+    if generate:
+        tokenizer, stops = run.greedy
+        matches = evaluate.exact_match_count(run.policy.model, s, tokenizer, stops, cfg.logging.eval_max_new_tokens,
+                                             run.loss_fn.log_probs, run.pgs.dp, run.device)
+        if metrics:
+            metrics["accuracy"] = matches / max(s.num_samples, 1)
+    return metrics
+
+
+def record_best_value(run: Run, s, metrics: dict) -> None:
+    """keep_best: the selecting figure of this evaluation, on every rank. Collective: one all-reduce (max) over
+    the world (the last pipeline stage holds the figure)."""
+    selector = run.cfg.checkpoint.keep_best
+    if selector is None or selector.split("/", 1)[0] != s.name:
+        return
+    metric = selector.split("/", 1)[1]
+    value = torch.tensor([float(metrics[metric]) if metric in metrics else float("-inf")], dtype=torch.float64,
+                         device=run.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    run.best_value[run.iteration] = value.item()  # -inf or NaN: no candidate
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
@@ -514,10 +633,13 @@ def train(cfg: TrainConfig, source: str) -> dict:
     """Run the job this process belongs to; returns the last step's metrics on the logging rank."""
     run = setup(cfg, source)
     record = {}
+    if run.iteration == 0:  # a fresh run: evaluation at step 0 (a resumed run logged its own before saving)
+        evaluate_if_due(run)
     for micro_batches in run.batches:
         if run.iteration >= run.stop_at:
             break
         record = train_step(run, micro_batches)
+        evaluate_if_due(run)
         save_if_due(run)
     finish(run)
     return record

@@ -49,3 +49,24 @@ def test_the_output_format_follows_the_extension_and_a_bad_place_is_one_line(tmp
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith(f"error: --out {tmp_path / 'no' / 'm.png'}: ")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_held_out_evaluations_get_their_own_row_and_never_replace_training_steps(tmp_path):
+    run = write_run(tmp_path / "run", [
+        {"eval": "held_out", "iteration": 0, "loss": 2.0, "logp_per_token": -2.0, "m_theta": 0.0},
+        {"iteration": 1, "loss": 1.5, "logp_per_token": -1.5, "m_theta": 0.0},
+        {"iteration": 2, "loss": 1.0, "logp_per_token": -1.0, "m_theta": 0.5},
+        {"eval": "held_out", "iteration": 2, "loss": 1.8, "logp_per_token": -1.8, "m_theta": 0.3},
+        {"eval": "task_a", "iteration": 2, "loss": 3.0, "logp_per_token": -3.0, "m_theta": -0.2},
+    ])
+    assert plot_metrics.series(plot_metrics.read_metrics(run), "nll") == [(1, 1.5), (2, 1.0)]
+    sets = plot_metrics.read_evaluations(run)
+    assert sorted(sets) == ["held_out", "task_a"]
+    assert plot_metrics.series(sets["held_out"], "m_theta") == [(0, 0.0), (2, 0.3)]
+    out = tmp_path / "plot.png"
+    done = subprocess.run([sys.executable, os.path.join(REPO, "tools", "plot_metrics.py"), run, "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    from PIL import Image
+
+    assert Image.open(out).size == (int(5.5 * 2 * 110), int(4 * 2 * 110))

@@ -6,7 +6,8 @@
 Panels: m_theta (deviation from the reference, logged whenever a reference is present) and the answer NLL per
 token, -logp_per_token (logged for every loss), so methods are compared on one scale; `--loss` adds each run's
 own training loss as a third panel (MinorSFT's loss is down-weighted: not comparable with raw SFT's).
-RUN is a run directory (holding metrics.jsonl) or a metrics .jsonl file.
+RUN is a run directory (holding metrics.jsonl) or a metrics .jsonl file. Where a run evaluated held-out sets
+(data.valid), a second row of panels draws the same quantities on each held-out set, one line per run and set.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import sys
 
 
-def read_metrics(run: str) -> list[dict]:
+def read_records(run: str) -> list[dict]:
     path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
@@ -28,19 +29,37 @@ def read_metrics(run: str) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: not JSON ({err.msg})")
-    if not rows:
+    if not any("eval" not in row for row in rows):
         raise ValueError(f"{path}: no metrics")
+    return rows
+
+
+def latest_of_each_iteration(rows: list[dict]) -> list[dict]:
     last = {}
     for row in rows:  # a resumed run may repeat iterations: keep the latest of each
         last[row["iteration"]] = row
     return [last[i] for i in sorted(last)]
 
 
+def read_metrics(run: str) -> list[dict]:
+    """The training steps' records of `run`, in iteration order."""
+    return latest_of_each_iteration([r for r in read_records(run) if "eval" not in r])
+
+
+def read_evaluations(run: str) -> dict[str, list[dict]]:
+    """{held-out set: its evaluation records in iteration order} of `run` ({} without evaluation)."""
+    sets: dict[str, list[dict]] = {}
+    for row in read_records(run):
+        if "eval" in row:
+            sets.setdefault(row["eval"], []).append(row)
+    return {name: latest_of_each_iteration(rows) for name, rows in sets.items()}
+
+
 PANELS = {  # metric -> (title, y label, value of a metrics row)
     "m_theta": ("deviation from the reference, m_theta", "mean (1/m) log pi/pi_ref", lambda r: r.get("m_theta")),
     "nll": ("answer NLL per token", "-logp_per_token", lambda r: -r["logp_per_token"] if "logp_per_token" in r
             else None),
-    "loss": ("each method's own training loss", "loss", lambda r: r.get("loss")),
+    "loss": ("each method's own loss", "loss", lambda r: r.get("loss")),
 }
 
 
@@ -50,6 +69,13 @@ def series(rows: list[dict], name: str) -> list[tuple[int, float]]:
     return [(step, value) for step, value in points if value is not None]
 
 
+def draw(axes, names: list[str], rows: list[dict], label: str, **style) -> None:
+    for ax, name in zip(axes, names):
+        points = series(rows, name)
+        if points:
+            ax.plot(*zip(*points), label=label, **style)
+
+
 def plot(runs: list[str], labels: list[str], out: str, with_loss: bool = False) -> None:
     import matplotlib
 
@@ -57,19 +83,21 @@ def plot(runs: list[str], labels: list[str], out: str, with_loss: bool = False) 
     import matplotlib.pyplot as plt
 
     names = ["m_theta", "nll"] + (["loss"] if with_loss else [])
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4))
-    for run, label in zip(runs, labels):
-        rows = read_metrics(run)
-        for ax, name in zip(axes, names):
-            points = series(rows, name)
-            if points:
-                ax.plot(*zip(*points), label=label)
-    for ax, name in zip(axes, names):
-        title, ylabel, _ = PANELS[name]
-        ax.set(title=title, xlabel="step", ylabel=ylabel)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
+    evaluations = [read_evaluations(run) for run in runs]
+    rows_of_panels = 2 if any(evaluations) else 1
+    fig, axes = plt.subplots(rows_of_panels, len(names), figsize=(5.5 * len(names), 4 * rows_of_panels),
+                             squeeze=False)
+    for run, label, sets in zip(runs, labels, evaluations):
+        draw(axes[0], names, read_metrics(run), label)
+        for name, rows in sets.items():
+            draw(axes[-1], names, rows, f"{label}: {name}", marker="o")
+    for row, where in zip(axes, ["training", "held-out"][:rows_of_panels]):
+        for ax, name in zip(row, names):
+            title, ylabel, _ = PANELS[name]
+            ax.set(title=f"{title} ({where})", xlabel="step", ylabel=ylabel)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend()
     fig.tight_layout()
     extension = os.path.splitext(out)[1].lstrip(".").lower() or "png"
     tmp = f"{out}.tmp{os.getpid()}"

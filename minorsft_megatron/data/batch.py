@@ -149,8 +149,9 @@ def fill_rows(dataset, rows: list[list[int]], seq_length: int):
 
 
 def padded_micro_batch(dataset, samples, seq_length: int) -> SFTBatch:
-    """One sample per row, in the order given."""
-    tokens, labels, loss_mask, position_ids, padding, _ = fill_rows(dataset, [[int(i)] for i in samples], seq_length)
+    """One sample per row, in the order given; a sample index of -1 is a row of padding alone (no answer token)."""
+    rows = [[int(i)] if int(i) >= 0 else [] for i in samples]
+    tokens, labels, loss_mask, position_ids, padding, _ = fill_rows(dataset, rows, seq_length)
     return SFTBatch(tokens, labels, loss_mask, position_ids, sample_index=torch.as_tensor(np.asarray(samples)),
                     padding=padding)
 

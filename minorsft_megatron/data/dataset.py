@@ -166,25 +166,7 @@ class SFTBatches:
 
     def micro_batches(self, step: int) -> list[SFTBatch]:
         """This rank's micro-batches for step `step`."""
-        shards = self._shards(step)
-        mbs = self.settings.micro_batch_size
-        if not self.settings.packing:
-            samples = shards[self.dp_rank]
-            return [padded_micro_batch(self.dataset, samples[i : i + mbs], self.settings.seq_length)
-                    for i in range(0, len(samples), mbs)]
-        rows_per_rank = [self._rows(shard) for shard in shards]  # every rank's packing, to agree on a count
-        rows = rows_per_rank[self.dp_rank]
-        num_micro = -(-max(len(r) for r in rows_per_rank) // mbs)
-        rows += [[]] * (num_micro * mbs - len(rows))  # empty rows so every DP rank runs as many micro-batches
-        groups = [rows[i : i + mbs] for i in range(0, len(rows), mbs)]
-        if self.settings.thd_sample_multiple is None:
-            return [packed_micro_batch(self.dataset, group, self.settings.seq_length) for group in groups]
-        return [thd_micro_batch(self.dataset, [i for row in group for i in row], self.settings.thd_sample_multiple,
-                                self.settings.thd_total_multiple) for group in groups]
-
-    def _rows(self, samples: np.ndarray) -> list[list[int]]:
-        positions = self.dataset.lengths[samples] - 1
-        return [[int(samples[i]) for i in row] for row in first_fit_decreasing(positions, self.settings.seq_length)]
+        return rank_micro_batches(self.dataset, self.settings, self._shards(step), self.dp_rank)
 
     def __len__(self) -> int:
         return self.num_steps - self.start_step
@@ -192,6 +174,54 @@ class SFTBatches:
     def __iter__(self):
         for step in range(self.start_step, self.num_steps):
             yield self.micro_batches(step)
+
+
+def rank_micro_batches(dataset: SFTDataset, settings: BatchSettings, shards: list[np.ndarray],
+                       dp_rank: int) -> list[SFTBatch]:
+    """Rank `dp_rank`'s micro-batches of `shards` (every DP rank's samples, in order). Every rank runs as many
+    micro-batches as the rank that needs most, the others filling theirs with rows of padding alone (no answer
+    token: they add nothing to any sum)."""
+    mbs = settings.micro_batch_size
+    if not settings.packing:
+        num_rows = -(-max(len(shard) for shard in shards) // mbs) * mbs
+        samples = list(shards[dp_rank]) + [-1] * (num_rows - len(shards[dp_rank]))  # -1: a row of padding alone
+        return [padded_micro_batch(dataset, samples[i : i + mbs], settings.seq_length)
+                for i in range(0, num_rows, mbs)]
+    rows_per_rank = [packed_rows(dataset, shard, settings.seq_length) for shard in shards]  # to agree on a count
+    rows = rows_per_rank[dp_rank]
+    num_micro = -(-max(len(r) for r in rows_per_rank) // mbs)
+    rows += [[]] * (num_micro * mbs - len(rows))
+    groups = [rows[i : i + mbs] for i in range(0, len(rows), mbs)]
+    if settings.thd_sample_multiple is None:
+        return [packed_micro_batch(dataset, group, settings.seq_length) for group in groups]
+    return [thd_micro_batch(dataset, [i for row in group for i in row], settings.thd_sample_multiple,
+                            settings.thd_total_multiple) for group in groups]
+
+
+def packed_rows(dataset: SFTDataset, samples: np.ndarray, seq_length: int) -> list[list[int]]:
+    """`samples` packed into rows of `seq_length` positions by first-fit decreasing."""
+    positions = dataset.lengths[samples] - 1
+    return [[int(samples[i]) for i in row] for row in first_fit_decreasing(positions, seq_length)]
+
+
+def held_out_micro_batches(dataset: SFTDataset, settings: BatchSettings, num_samples: int, dp_rank: int,
+                           dp_size: int) -> list[SFTBatch]:
+    """This DP rank's micro-batches of the first `num_samples` samples, in sample order (no shuffling): rank r takes
+    the r-th contiguous ceil(num_samples / dp_size) of them, packed or padded as `settings` say."""
+    per_rank = -(-num_samples // dp_size)
+    shards = [np.arange(r * per_rank, min((r + 1) * per_rank, num_samples)) for r in range(dp_size)]
+    return rank_micro_batches(dataset, settings, shards, dp_rank)
+
+
+def check_samples_fit(dataset: SFTDataset, seq_length: int, where: str) -> None:
+    """Every sample of `dataset` fits in a row of `seq_length` positions; DataError naming `where` otherwise."""
+    too_long = dataset.lengths > seq_length + 1
+    if too_long.any():
+        raise DataError(
+            f"{where}: {int(too_long.sum())} samples have more than seq_length + 1 = "
+            f"{seq_length + 1} tokens (longest {int(dataset.lengths.max())}); preprocess with "
+            f"--seq-length {seq_length} or raise seq_length"
+        )
 
 
 def check_batch_settings(dataset: SFTDataset, s: BatchSettings, dp_size: int) -> None:
@@ -203,13 +233,7 @@ def check_batch_settings(dataset: SFTDataset, s: BatchSettings, dp_size: int) ->
     if s.global_batch_size % divisor:
         what = "data-parallel size" if s.packing else "micro_batch_size x data-parallel size"
         raise DataError(f"global_batch_size {s.global_batch_size} is not a multiple of {what} ({divisor})")
-    too_long = dataset.lengths > s.seq_length + 1
-    if too_long.any():
-        raise DataError(
-            f"{dataset.prefix}: {int(too_long.sum())} samples have more than seq_length + 1 = "
-            f"{s.seq_length + 1} tokens (longest {int(dataset.lengths.max())}); preprocess with "
-            f"--seq-length {s.seq_length} or raise seq_length"
-        )
+    check_samples_fit(dataset, s.seq_length, dataset.prefix)
     if len(dataset) * s.epochs < s.global_batch_size:
         raise DataError(
             f"{dataset.prefix}: {len(dataset)} samples x {s.epochs} epochs is less than one global batch "
