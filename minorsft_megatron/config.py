@@ -207,7 +207,13 @@ class ReferenceConfig:
     Larger is not always faster: on CPU, 16 rows of 128 positions beat 32 (docs/performance.md)."""
 
 
-LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "mlp.linear_fc1", "mlp.linear_fc2",
+                "experts.linear_fc1", "experts.linear_fc2", "shared_experts.linear_fc1", "shared_experts.linear_fc2")
+"""What `lora.target_modules` takes. As Megatron-Bridge matches them, a name picks every linear whose path in its
+layer (lora.Site.path) ends with it: `linear_fc1` is every fc1 (dense MLPs, routed experts, shared experts),
+`mlp.linear_fc1` the dense MLPs' alone, `experts.linear_fc1` the routed experts', `shared_experts.linear_fc1` the
+shared experts'."""
+LORA_DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
 @dataclass
@@ -219,9 +225,12 @@ class LoraConfig:
     dropout: float = 0.0
     """Dropout on the adapters' input (PEFT's lora_dropout). Only 0 is built: the reference pass with the adapters
     off then sees the same activations."""
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    """megatron-core linears that get adapters (PEFT modules): linear_qkv (q_proj, k_proj, v_proj), linear_proj
-    (o_proj), linear_fc1 (gate_proj, up_proj), linear_fc2 (down_proj). Every other weight stays frozen."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
+    """megatron-core linears that get adapters (PEFT modules), matched by the end of their path in the layer as
+    Megatron-Bridge matches them: linear_qkv (q_proj, k_proj, v_proj), linear_proj (o_proj), linear_fc1 (gate_proj,
+    up_proj; a routed expert's fused gate_up_proj) and linear_fc2 (down_proj) of every MLP, dense or expert;
+    mlp.linear_fc1/2 the dense MLPs' alone, experts.linear_fc1/2 the routed experts', shared_experts.linear_fc1/2
+    the shared experts'. Every other weight (routers included) stays frozen."""
 
 
 @dataclass
@@ -717,24 +726,43 @@ def _validate_checkpoint_and_run(c: TrainConfig, source: str) -> None:
 
 
 def _validate_lora(c: TrainConfig, source: str) -> None:
+    from minorsft_megatron.lora import config_sites
+
     lo, m = c.lora, c.model
     _require(lo.rank >= 0, source, "lora.rank", "must be >= 0 (0: no LoRA)")
     if lo.rank == 0:
         return
     _require(lo.alpha > 0, source, "lora.alpha", "must be positive")
     _require(lo.dropout == 0, source, "lora.dropout", "only 0 is built (the reference pass relies on it)")
+    sites = {s.path: s for layer in range(m.num_layers) for s in config_sites(m, layer)}
     for i, target in enumerate(lo.target_modules):
         _require(target in LORA_TARGETS, source, f"lora.target_modules[{i}]",
                  f"{target!r} is not a linear of the model (one of {', '.join(LORA_TARGETS)})")
+        _require(any(s.selected_by([target]) for s in sites.values()), source, f"lora.target_modules[{i}]",
+                 f"{target!r}: the model has no such linear (it has {', '.join(sorted(sites))})")
     _require(bool(lo.target_modules) and len(set(lo.target_modules)) == len(lo.target_modules), source,
              "lora.target_modules", "must name each target once, at least one")
-    d = m.kv_channels or m.hidden_size // m.num_attention_heads
-    smallest = min(m.hidden_size, _query_groups(m) * d, m.ffn_hidden_size)
+    adapted = [s for s in sites.values() if s.selected_by(lo.target_modules)]
+    smallest = min(min(_linear_shape(m, s)) for s in adapted)
     _require(lo.rank <= smallest, source, "lora.rank",
              f"{lo.rank} is larger than the model's smallest adapted dimension ({smallest})")
-    _require(m.num_experts is None, source, "lora", "LoRA on mixture-of-experts models is not built yet")
+    _require(not any(s.block == "mlp.experts" for s in adapted) or (c.parallel.etp or c.parallel.tp) == 1, source,
+             "parallel.etp", "must be 1 with adapters on the routed experts (each expert's adapters are whole; "
+             "expert tensor parallelism for them is not built)")
     _require(c.precision.fp8 is None, source, "precision.fp8",
              "LoRA with FP8 is not built (the adapters would need FP8 weights)")
+
+
+def _linear_shape(m: ModelConfig, site) -> tuple[int, int]:
+    """(out, in) of the smallest part of a lora.Site's linear in a ModelConfig."""
+    d = m.kv_channels or m.hidden_size // m.num_attention_heads
+    if site.target == "linear_qkv":
+        return _query_groups(m) * d, m.hidden_size
+    if site.target == "linear_proj":
+        return m.hidden_size, m.num_attention_heads * d
+    ffn = {"mlp": m.ffn_hidden_size, "mlp.shared_experts": m.moe_shared_expert_ffn_hidden_size,
+           "mlp.experts": m.moe_ffn_hidden_size or m.ffn_hidden_size}[site.block]
+    return (ffn, m.hidden_size) if site.target == "linear_fc1" else (m.hidden_size, ffn)
 
 
 SECTION_CHECKS = (_validate_model, _validate_parallel, _validate_moe, _validate_precision_and_loss, _validate_optimizer,

@@ -3,8 +3,11 @@
 An adapter adds  scale * B (A x)  (scale = alpha / rank) to a base linear's output, with A [rank, in] and
 B [out, rank]. The adapters follow PEFT's module split, so that they export to a Hugging Face PEFT adapter one to
 one: the fused `linear_qkv` holds three (q_proj, k_proj, v_proj), a gated `linear_fc1` two (gate_proj, up_proj),
-`linear_proj` (o_proj) and `linear_fc2` (down_proj) one each. They are children (`lora`) of the base linear, whose
-own parameters keep their names, and a forward hook adds their output.
+`linear_proj` (o_proj) and `linear_fc2` (down_proj) one each; a routed expert's gated fc1 holds one (gate_up_proj:
+PEFT adapts transformers' fused expert tensor). They are children (`lora`) of the base linear, whose own parameters
+keep their names, and a forward hook adds their output. Mixture-of-experts layers: the shared experts' linears are
+laid out as a dense MLP's; each routed expert (SequentialMLP) has its own adapters, on the EP rank that holds it,
+at expert tensor parallelism 1 (the dispatcher brings its tokens; no collective of its own).
 
 Layout (TP group size t):
 - column-parallel base (output split over TP): A replicated, B split as the base's output rows. h = A x is one
@@ -16,7 +19,9 @@ Layout (TP group size t):
 - row-parallel base (input split over TP): A split as the base's input columns, B replicated. h = A x is partial
   over TP and summed as the base's output is (`reduce_from_tensor_model_parallel_region`, or under sequence
   parallelism `reduce_scatter_to_sequence_parallel_region`, B then marked `sequence_parallel`).
-Each adapter set costs one collective of `parts x rank` features beside the base's own (of `out` features).
+Each adapter set costs one collective of `parts x rank` features beside the base's own (of `out` features). Every
+adapter's gradient is reduced over data parallelism as its base weight's would be (a routed expert's under EP over
+the expert data-parallel group).
 
 `adapters_disabled(model)` switches every adapter off: the model is then the base exactly (reference.mode: base).
 """
@@ -24,69 +29,139 @@ Each adapter set costs one collective of `parts x rank` features beside the base
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import types
 import zlib
 
 import torch
 
-TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-"""The megatron-core linears of a dense transformer layer that can hold adapters."""
 COLUMN_PARALLEL = ("linear_qkv", "linear_fc1")
-HF_MODULES = {"linear_qkv": "self_attn", "linear_proj": "self_attn", "linear_fc1": "mlp", "linear_fc2": "mlp"}
-"""The Hugging Face submodule (of model.layers.N) each target's adapters belong to."""
+BLOCK_FFN = {"mlp": "ffn_hidden_size", "mlp.shared_experts": "moe_shared_expert_intermediate_size",
+             "mlp.experts": "moe_ffn_hidden_size"}
+"""The TransformerConfig field holding each MLP block's hidden size."""
+HF_BLOCKS = {"self_attention": "self_attn", "mlp": "mlp", "mlp.shared_experts": "mlp.shared_expert",
+             "mlp.experts": "mlp.experts"}
+"""The Hugging Face submodule (of model.layers.N) of each megatron-core block."""
 
 
-def part_names(target: str, gated: bool) -> tuple[str, ...]:
-    """PEFT's names of the adapters a target holds."""
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One linear of a transformer layer that can hold adapters."""
+
+    block: str
+    """self_attention, mlp (a dense MLP), mlp.shared_experts or mlp.experts (a routed expert)."""
+    target: str
+    """linear_qkv, linear_proj, linear_fc1 or linear_fc2."""
+    expert: int | None = None
+    """A routed expert's global index."""
+
+    @property
+    def path(self) -> str:
+        """The linear's path in its layer, a routed expert's without its index (mlp.experts.linear_fc1)."""
+        return f"{self.block}.{self.target}"
+
+    @property
+    def column(self) -> bool:
+        return self.target in COLUMN_PARALLEL
+
+    def selected_by(self, targets) -> bool:
+        return any(self.path == t or self.path.endswith("." + t) for t in targets)
+
+    def hf_module(self, layer: int) -> str:
+        """Its Hugging Face module name (a routed expert's as on the Hub: model.layers.N.mlp.experts.E)."""
+        expert = "" if self.expert is None else f".{self.expert}"
+        return f"model.layers.{layer}.{HF_BLOCKS[self.block]}{expert}"
+
+
+def part_names(site: Site, gated: bool) -> tuple[str, ...]:
+    """PEFT's names of the adapters a linear holds: a routed expert's gated fc1 is one (PEFT adapts transformers'
+    fused gate_up_proj of the experts), a dense or shared one two."""
+    if site.target == "linear_fc1":
+        if site.block == "mlp.experts":
+            return ("gate_up_proj",) if gated else ("up_proj",)
+        return ("gate_proj", "up_proj") if gated else ("up_proj",)
     return {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_proj",),
-            "linear_fc1": ("gate_proj", "up_proj") if gated else ("up_proj",),
-            "linear_fc2": ("down_proj",)}[target]
+            "linear_fc2": ("down_proj",)}[site.target]
 
 
-def full_shapes(target: str, config) -> dict[str, tuple[int, int]]:
-    """{part: (out, in)} of the full (TP = 1) adapters of `target` for a megatron-core TransformerConfig."""
+def full_shapes(site: Site, config) -> dict[str, tuple[int, int]]:
+    """{part: (out, in)} of the full (TP = 1) adapters of `site` for a megatron-core TransformerConfig."""
     d = config.kv_channels
-    heads, groups, hidden, ffn = config.num_attention_heads, config.num_query_groups, config.hidden_size, \
-        config.ffn_hidden_size
-    gated = config.gated_linear_unit
-    return {"linear_qkv": {"q_proj": (heads * d, hidden), "k_proj": (groups * d, hidden),
-                           "v_proj": (groups * d, hidden)},
-            "linear_proj": {"o_proj": (hidden, heads * d)},
-            "linear_fc1": dict.fromkeys(part_names("linear_fc1", gated), (ffn, hidden)),
-            "linear_fc2": {"down_proj": (hidden, ffn)}}[target]
+    heads, groups, hidden = config.num_attention_heads, config.num_query_groups, config.hidden_size
+    if site.target == "linear_qkv":
+        return {"q_proj": (heads * d, hidden), "k_proj": (groups * d, hidden), "v_proj": (groups * d, hidden)}
+    if site.target == "linear_proj":
+        return {"o_proj": (hidden, heads * d)}
+    ffn = getattr(config, BLOCK_FFN[site.block])
+    if site.target == "linear_fc2":
+        return {"down_proj": (hidden, ffn)}
+    parts = part_names(site, config.gated_linear_unit)
+    out = 2 * ffn if parts == ("gate_up_proj",) else ffn
+    return dict.fromkeys(parts, (out, hidden))
+
+
+def layer_sites(layer) -> list[tuple[Site, torch.nn.Module]]:
+    """(Site, megatron-core linear) of every linear of a TransformerLayer that can hold adapters; a routed expert's
+    on the EP rank holding it."""
+    found = [(Site("self_attention", t), getattr(layer.self_attention, t)) for t in ("linear_qkv", "linear_proj")]
+    mlp, fc = layer.mlp, ("linear_fc1", "linear_fc2")
+    experts = getattr(mlp, "experts", None)
+    if experts is None:
+        return found + [(Site("mlp", t), getattr(mlp, t)) for t in fc]
+    if getattr(mlp, "shared_experts", None) is not None:
+        found += [(Site("mlp.shared_experts", t), getattr(mlp.shared_experts, t)) for t in fc]
+    for index, expert in zip(mlp.local_expert_indices, experts.local_experts):
+        found += [(Site("mlp.experts", t, index), getattr(expert, t)) for t in fc]
+    return found
 
 
 class AdapterSet(torch.nn.Module):
     """The adapters of one base linear on this TP rank: parameters `<part>_a` and `<part>_b`."""
 
-    def __init__(self, target: str, config, rank: int, alpha: float, tp_group, full_a: dict[str, torch.Tensor]):
-        """`full_a`: {part: [rank, in] full A} (the same on every rank); B starts at zero."""
+    def __init__(self, site: Site, config, rank: int, alpha: float, linear, full_a: dict[str, torch.Tensor]):
+        """`linear`: the base (its TP group, its experts' communication, its weights' gradient-reduction flag);
+        `full_a`: {part: [rank, in] full A} (the same on every rank); B starts at zero."""
         super().__init__()
-        self.target, self.rank, self.scale = target, rank, alpha / rank
-        self.column = target in COLUMN_PARALLEL
-        self.tp_group, self.sp = tp_group, config.sequence_parallel
-        self.groups_local = config.num_query_groups // tp_group.size()
+        self.site, self.rank, self.scale = site, rank, alpha / rank
+        self.column = site.column
+        self.tp_group = linear.tp_group
+        # a routed expert's linear takes its tokens from the dispatcher, which does the experts' communication
+        self.sp = config.sequence_parallel and not getattr(linear, "explicit_expert_comm", False)
+        if getattr(linear, "explicit_expert_comm", False) and self.tp_group.size() > 1:
+            raise ValueError("LoRA on routed experts needs expert tensor parallelism 1 (parallel.etp: 1)")
+        self.groups_local = config.num_query_groups // self.tp_group.size()
         self.enabled = True
-        t, r = tp_group.size(), tp_group.rank()
+        t, r = self.tp_group.size(), self.tp_group.rank()
         self.parts = tuple(full_a)
-        for part, (out, _) in full_shapes(target, config).items():
+        for part, (out, _) in full_shapes(site, config).items():
             a = full_a[part] if self.column else full_a[part].chunk(t, dim=1)[r]
             b = torch.zeros(out // t if self.column else out, rank, dtype=a.dtype)
             self.register_parameter(f"{part}_a", torch.nn.Parameter(a.contiguous()))
             self.register_parameter(f"{part}_b", torch.nn.Parameter(b))
-        self._mark_parameters()
+        self._mark_parameters(getattr(linear.weight, "allreduce", True))
 
-    def _mark_parameters(self) -> None:
+    @property
+    def target(self) -> str:
+        return self.site.target
+
+    def _mark_parameters(self, allreduce: bool) -> None:
         """Split parameters are tensor-parallel (the gradient norm counts them on every rank); replicated ones whose
-        gradients are partial over the sequence shards are `sequence_parallel` (all-reduced over TP)."""
+        gradients are partial over the sequence shards are `sequence_parallel` (all-reduced over TP); all are
+        reduced over data parallelism as the base's weight would be (`allreduce` False: a routed expert's under EP,
+        reduced over the expert data-parallel group, its own optimizer's)."""
         from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
+        for param in self.parameters():
+            param.allreduce = allreduce
         for part in self.parts:
             split, replicated = (getattr(self, f"{part}_b"), getattr(self, f"{part}_a")) if self.column else \
                 (getattr(self, f"{part}_a"), getattr(self, f"{part}_b"))
             if self.tp_group.size() > 1:
                 set_tensor_model_parallel_attributes(split, True, 0 if self.column else 1, 1)
+            elif self.site.block == "mlp.experts":  # its own on this rank whatever the dense TP rank: counted by
+                for param in (split, replicated):  # the gradient norm on every TP rank, as megatron-core marks
+                    set_tensor_model_parallel_attributes(param, True, 0, 1)  # its expert weights
             replicated.sequence_parallel = self.sp
 
     def tp_axes(self) -> dict[str, int]:
@@ -110,12 +185,7 @@ class AdapterSet(torch.nn.Module):
         return self.scale * self._assemble(outs)
 
     def _assemble(self, outs: list[torch.Tensor]) -> torch.Tensor:
-        """The parts' outputs in the base's output layout: megatron-core's fused QKV interleaves each query group's
-        q heads, k and v; a gated fc1 holds [gate; up] on each rank."""
-        if self.target != "linear_qkv":
-            return torch.cat(outs, dim=-1)
-        g = self.groups_local
-        return torch.cat([o.unflatten(-1, (g, -1)) for o in outs], dim=-1).flatten(-2)
+        return assemble(self.target, outs, self.groups_local, dim=-1)
 
     def load_full(self, part: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Set `part` from its full (TP = 1) A [rank, in] and B [out, rank]."""
@@ -123,6 +193,35 @@ class AdapterSet(torch.nn.Module):
         with torch.no_grad():
             getattr(self, f"{part}_a").copy_(a if self.column else a.chunk(t, dim=1)[r])
             getattr(self, f"{part}_b").copy_(b.chunk(t, dim=0)[r] if self.column else b)
+
+
+def assemble(target: str, outs: list[torch.Tensor], groups: int, dim: int) -> torch.Tensor:
+    """The parts' outputs (or weights) joined along `dim` in the base's output layout: megatron-core's fused QKV
+    interleaves each of its `groups` query groups' q heads, k and v; a gated fc1 holds [gate; up] (on each rank)."""
+    if target != "linear_qkv":
+        return torch.cat(outs, dim=dim)
+    dim = dim % outs[0].dim()
+    return torch.cat([o.unflatten(dim, (groups, -1)) for o in outs], dim=dim + 1).flatten(dim, dim + 1)
+
+
+def merged_delta(site: Site, factors: list[tuple[torch.Tensor, torch.Tensor]], scale: float,
+                 num_query_groups: int) -> torch.Tensor:
+    """[out, in] fp32: what the full adapters (A, B) of `site`'s parts, in part order, add to its full megatron-core
+    weight."""
+    return scale * assemble(site.target, [b.float() @ a.float() for a, b in factors], num_query_groups, dim=0)
+
+
+def config_sites(model_cfg, layer: int) -> list[Site]:
+    """The Sites of global layer `layer` (from 0) of a config.ModelConfig, as layer_sites finds them in the built
+    model (every routed expert's)."""
+    found = [Site("self_attention", "linear_qkv"), Site("self_attention", "linear_proj")]
+    fc = ("linear_fc1", "linear_fc2")
+    m = model_cfg
+    if m.num_experts is None or (m.moe_layers is not None and not m.moe_layers[layer]):
+        return found + [Site("mlp", t) for t in fc]
+    if m.moe_shared_expert_ffn_hidden_size:
+        found += [Site("mlp.shared_experts", t) for t in fc]
+    return found + [Site("mlp.experts", t, e) for e in range(m.num_experts) for t in fc]
 
 
 class _ContiguousGradient(torch.autograd.Function):
@@ -156,7 +255,8 @@ def _sharded_state_dict_with_adapters(self, prefix: str = "", sharded_offsets: t
     state = type(self).sharded_state_dict(self, prefix, sharded_offsets, metadata)
     adapters = self.lora.state_dict(prefix="lora.", keep_vars=True)
     axes = {f"lora.{k}": v for k, v in self.lora.tp_axes().items()}
-    state.update(make_sharded_tensors_for_checkpoint(adapters, prefix, axes, sharded_offsets))
+    state.update(make_sharded_tensors_for_checkpoint(adapters, prefix, axes, sharded_offsets, tp_group=self.tp_group,
+                                                     dp_cp_group=metadata["dp_cp_group"]))
     return state
 
 
@@ -168,20 +268,24 @@ def initial_a(seed: int, layer: int, target: str, part: str, rank: int, in_featu
     return torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator)
 
 
-def add_adapters(model, lora_cfg, config, seed: int, tp_group) -> None:
+def add_adapters(model, lora_cfg, config, seed: int) -> None:
     """Give `model`'s (this stage's GPTModel) target linears adapters and freeze everything else."""
     for param in model.parameters():
         param.requires_grad_(False)
     for layer in model.decoder.layers:
-        for target in lora_cfg.target_modules:
-            base = layer.self_attention if target in ("linear_qkv", "linear_proj") else layer.mlp
-            linear = getattr(base, target)
-            full_a = {part: initial_a(seed, layer.layer_number, target, part, lora_cfg.rank, in_features)
-                      for part, (_, in_features) in full_shapes(target, config).items()}
-            linear.lora = AdapterSet(target, config, lora_cfg.rank, lora_cfg.alpha, tp_group, full_a).to(
-                config.params_dtype)
-            linear.register_forward_hook(_add_adapters)
-            linear.sharded_state_dict = types.MethodType(_sharded_state_dict_with_adapters, linear)
+        for site, linear in layer_sites(layer):
+            if site.selected_by(lora_cfg.target_modules):
+                _adapt(linear, site, layer.layer_number, lora_cfg, config, seed)
+
+
+def _adapt(linear, site: Site, layer_number: int, lora_cfg, config, seed: int) -> None:
+    place = site.target if site.block in ("self_attention", "mlp") else \
+        f"{site.block}.{site.target}" + ("" if site.expert is None else f".{site.expert}")
+    full_a = {part: initial_a(seed, layer_number, place, part, lora_cfg.rank, in_features)
+              for part, (_, in_features) in full_shapes(site, config).items()}
+    linear.lora = AdapterSet(site, config, lora_cfg.rank, lora_cfg.alpha, linear, full_a).to(config.params_dtype)
+    linear.register_forward_hook(_add_adapters)
+    linear.sharded_state_dict = types.MethodType(_sharded_state_dict_with_adapters, linear)
 
 
 def adapter_sets(model) -> list[tuple[int, AdapterSet]]:

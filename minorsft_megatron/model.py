@@ -253,7 +253,7 @@ def build_model(cfg, precision: transformer_engine.RolePrecision, vocab: int, de
     if adapters:
         from minorsft_megatron import lora
 
-        lora.add_adapters(model, cfg.lora, config, cfg.seed, parallel_state.get_tensor_model_parallel_group())
+        lora.add_adapters(model, cfg.lora, config, cfg.seed)
     if precision.dtype != "fp32":
         model = Float16Module(config, model)
     return model.to(device), config

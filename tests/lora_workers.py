@@ -9,8 +9,10 @@ import torch
 
 
 def lora_step(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, adapters, rank, alpha, micro_batch_size,
-              distributed_optimizer=False, steps=4):
-    """`adapters`: {Hugging Face module name: (A [rank, in], B [out, rank])} full tensors (PEFT's). Returns
+              distributed_optimizer=False, steps=4, targets=None):
+    """`layout`: (tp, pp) or (tp, pp, ep) (expert tensor parallelism 1); `adapters`: {Hugging Face module name
+    (a routed expert's model.layers.N.mlp.experts.E.<part>): (A [rank, in], B [out, rank])} full tensors; `targets`:
+    lora.target_modules (None: the default). An MoE model's auxiliary losses are off. Returns
     {"logp_sum": [n] or None, "grads": {(module, "a" or "b"): local gradient}, "grad_norm": float, "tp": (size, rank),
     "base_unchanged": bool}."""
     from megatron.core import parallel_state
@@ -26,18 +28,22 @@ def lora_step(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, adapters, rank
     from minorsft_megatron.transformer_engine import RolePrecision
     from tests.moe_workers import answer_mask
 
-    tp, pp = layout
+    tp, pp, ep = (*layout, 1)[:3]
+    etp = 1 if ep > 1 or tp > 1 else None
     device = setup_device("cpu")
-    pgs = parallel.initialize(device, tp=tp, pp=pp)
+    pgs = parallel.initialize(device, tp=tp, pp=pp, ep=ep, etp=etp)
     state = checkpoint.read_state(ckpt)
     cfg = from_dict(TrainConfig, state["config"], ckpt)
-    cfg.parallel, cfg.lora = ParallelConfig(tp=tp, pp=pp, sp=tp > 1), LoraConfig(rank=rank, alpha=alpha)
+    cfg.parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp, sp=tp > 1)
+    cfg.lora = LoraConfig(rank=rank, alpha=alpha) if targets is None else \
+        LoraConfig(rank=rank, alpha=alpha, target_modules=list(targets))
+    cfg.model.moe_aux_loss_coeff = cfg.model.moe_z_loss_coeff = 0.0
     model, config = build_model(cfg, RolePrecision("fp32"), state["vocab_size"], device, initialize=False,
                                 adapters=True)
     checkpoint.load(ckpt, model, base_only=True)
     for number, adapter_set in lora.adapter_sets(model):
         for part in adapter_set.parts:
-            adapter_set.load_full(part, *adapters[f"model.layers.{number - 1}.{lora.HF_MODULES[adapter_set.target]}.{part}"])
+            adapter_set.load_full(part, *adapters[f"{adapter_set.site.hf_module(number - 1)}.{part}"])
     config.finalize_model_grads_func = finalize_model_grads
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer), model)
@@ -80,8 +86,10 @@ def full_gradients(ddp, model, distributed_optimizer: bool) -> dict:
     grads = {k: p.main_grad.clone() for k, p in adapter_tensors(model).items()}
     if not distributed_optimizer:
         return grads
-    group, views = parallel_state.get_data_parallel_group(), {}
-    for buffer in ddp.buffers:
+    views = {}
+    buffers = [(b, parallel_state.get_data_parallel_group()) for b in ddp.buffers] + \
+        [(b, parallel_state.get_expert_data_parallel_group()) for b in ddp.expert_parallel_buffers]
+    for buffer, group in buffers:
         for bucket in buffer.buckets:
             gathered = torch.empty_like(bucket.grad_data)
             torch.distributed.all_gather_into_tensor(
@@ -102,11 +110,11 @@ def adapter_tensors(model) -> dict:
 
     found = {}
     for number, adapter_set in lora.adapter_sets(model):
-        module = f"model.layers.{number - 1}.{lora.HF_MODULES[adapter_set.target]}"
+        module = adapter_set.site.hf_module(number - 1)
         for part in adapter_set.parts:
             for kind in "ab":
                 found[(f"{module}.{part}", kind)] = getattr(adapter_set, f"{part}_{kind}")
     return found
 
 
-COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "gate_up_proj")

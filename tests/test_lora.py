@@ -130,12 +130,17 @@ def test_training_with_the_base_as_reference(tmp_path, data_prefix):
                             ("train", halves + ["stop_at_step=2"]), ("train", halves + ["parallel.tp=2",
                                                                                         "parallel.sp=true"]),
                             ("train", common + [f"output_dir={tmp_path / 'bf16'}", "precision.dtype=bf16",
-                                                "train_steps=2"])],
+                                                "train_steps=2"]),
+                            ("train", common + [f"output_dir={tmp_path / 'fp16'}", "precision.dtype=fp16",
+                                                "precision.initial_loss_scale=1024", "train_steps=2"])],
           out_dir=tmp_path / "job", timeout=400)
     base, colocated = metrics(tmp_path / "base"), metrics(tmp_path / "colocated")
     bf16 = metrics(tmp_path / "bf16")  # bf16 weights, fp32 main weights: the base reference is still exact
     assert bf16[0]["weight_min"] == bf16[0]["weight_max"] == 1.0 and bf16[0]["m_theta"] == 0.0
     assert bf16[1]["m_theta"] != 0.0
+    fp16 = metrics(tmp_path / "fp16")  # fp16 with the dynamic loss scale: the same
+    assert fp16[0]["weight_min"] == fp16[0]["weight_max"] == 1.0 and fp16[0]["m_theta"] == 0.0
+    assert not any(r["skipped"] for r in fp16) and fp16[1]["m_theta"] != 0.0
     resumed = metrics(tmp_path / "halves")  # steps 3-4 at TP 2: the adapters and their Adam state resharded
     assert resumed[:2] == base[:2] and all(abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"]
                                            for a, b in zip(resumed[2:], base[2:]))
@@ -215,8 +220,9 @@ def adapters_only(trained, init, hf, resume_args):
                      resumed.stderr.strip().splitlines()[-1])
 
 
-def exports_match_score(tmp_path, hf, trained, data_prefix):
-    """The merged export and the PEFT adapter on the original base, each in transformers, against our `score`."""
+def exports_match_score(tmp_path, hf, trained, data_prefix, **load):
+    """The merged export and the PEFT adapter on the original base, each in transformers (from_pretrained with
+    `load`), against our `score`."""
     import json
 
     from peft import PeftModel
@@ -233,8 +239,8 @@ def exports_match_score(tmp_path, hf, trained, data_prefix):
     spawn(2, run_commands, [("score", ["--load", str(trained), "--data", data_prefix, "--out", str(scores),
                                        "--precision", "fp32"])], out_dir=tmp_path / "score_job", timeout=300)
     ours = {row["index"]: row["logp_sum"] for row in map(json.loads, open(scores))}
-    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float64)
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float64),
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float64, **load)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float64, **load),
                                         str(tmp_path / "peft"))
     dataset = SFTDataset(data_prefix)
     for i in range(0, len(dataset.lengths), 200):
@@ -253,7 +259,6 @@ def exports_match_score(tmp_path, hf, trained, data_prefix):
     (["lora.rank=65"], r"lora.rank: 65 is larger than the model's smallest adapted dimension \(32\)"),
     (["lora.rank=4", "lora.dropout=0.1"], r"lora.dropout: only 0 is built"),
     (["reference.mode=base"], r"reference.mode: base \(the policy with its adapters off\) needs LoRA"),
-    (["lora.rank=4", "model.num_experts=4"], r"lora: LoRA on mixture-of-experts models is not built yet"),
 ])
 def test_lora_settings_are_refused_in_one_line(tmp_path, data_prefix, overrides, message):
     from minorsft_megatron.config import ConfigError, load_config

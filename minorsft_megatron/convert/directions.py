@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from minorsft_megatron.convert.adapters import merged, write_peft_adapter
+from minorsft_megatron.convert.adapters import merging, write_peft_adapter
 from minorsft_megatron.convert.family import ConversionError
 from minorsft_megatron.convert.io import (
     COPIED_FILES,
@@ -132,14 +132,16 @@ def write_hf(out: str, directory: str, state: dict, train_cfg, out_dtype, max_sh
     base = checkpoint.base_of(directory, state)  # a LoRA run's adapters-only checkpoint: the base's tensors
     base_reader = reader if base is None else DistCheckpointReader(base)
 
+    def read_adapter(key):
+        return read_megatron_tensor(reader, key, sharded[key])
+
+    merge = merging(m, train_cfg.lora, read_adapter) if train_cfg.lora.rank > 0 else lambda key, tensor: tensor
+
     def get(local_key):
         if local_key not in cache:
             cache.clear()  # q/k/v and gate/up come one after another: one megatron tensor held at a time
-            cache[local_key] = read_megatron_tensor(base_reader, local_key, sharded[local_key])
+            cache[local_key] = merge(local_key, read_megatron_tensor(base_reader, local_key, sharded[local_key]))
         return cache[local_key]
-
-    def read_adapter(key):
-        return read_megatron_tensor(reader, key, sharded[key])
 
     os.makedirs(out)
     if peft_adapter:
@@ -151,13 +153,7 @@ def write_hf(out: str, directory: str, state: dict, train_cfg, out_dtype, max_sh
     names, index = hf_names(m, family), _index_hf_names(family, m)
     shapes = {n: tuple(hf_from_megatron(n, meta, m, family, index).shape) for n in names}
 
-    def hf_tensor(n):
-        tensor = hf_from_megatron(n, get, m, family, index)
-        if train_cfg.lora.rank > 0:
-            tensor = merged(n, tensor, read_adapter, train_cfg.lora)
-        return tensor.to(out_dtype).contiguous()
-
-    tensors = ((n, hf_tensor(n)) for n in names)
+    tensors = ((n, hf_from_megatron(n, get, m, family, index).to(out_dtype).contiguous()) for n in names)
     write_safetensors(out, names, shapes, out_dtype, tensors, max_shard_bytes, log)
     write_hf_side_files(out, state, m, out_dtype)
 

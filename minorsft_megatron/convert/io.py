@@ -106,11 +106,9 @@ def meta_sharded_state_dict(train_cfg, vocab_size: int) -> dict:
     with torch.device("meta"):
         model = gpt_from_config(model_cfg, config, checkpoint_vocab_size(vocab_size), True, True)
     if train_cfg.lora.rank > 0:  # a LoRA run's adapters (small: real tensors, unlike the base's)
-        from megatron.core import parallel_state
-
         from minorsft_megatron.lora import add_adapters
 
-        add_adapters(model, train_cfg.lora, config, train_cfg.seed, parallel_state.get_tensor_model_parallel_group())
+        add_adapters(model, train_cfg.lora, config, train_cfg.seed)
     return model.sharded_state_dict()
 
 

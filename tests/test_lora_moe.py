@@ -1,0 +1,166 @@
+"""LoRA on a mixture-of-experts model against transformers with peft in float64: a tiny random Qwen2-MoE (8 routed
+experts, top 2, and a gated shared expert in every layer) with adapters on attention, the shared expert
+(target_modules) and every routed expert (PEFT's target_parameters on transformers' fused expert tensors). The
+per-sample answer log-prob sums and every adapter's gradient of one MinorSFT step at (TP, PP, EP) = (1,1,1) with DP 2
+and the distributed optimizer, (1,1,2), and (2,1,2) with SP and expert TP 1; then training with reference.mode base
+at EP 2 and both exports in transformers against our `score`."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.convert_workers import make_hf_model
+from tests.distributed import spawn
+from tests.lora_workers import lora_step
+from tests.test_lora import BETA, LENGTH, PROMPTS, ROWS, local_slice, reference_step
+
+RANK, ALPHA = 4, 8.0
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EXPERT_TENSORS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+NUM_EXPERTS = 8
+
+
+def convert(hf: str, out: str) -> str:
+    subprocess.run([sys.executable, "-c", "import sys; from minorsft_megatron.convert import hf_to_megatron; "
+                    "hf_to_megatron(sys.argv[1], sys.argv[2], dtype='fp32', log=lambda *_: None)", hf, out],
+                   check=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_moe")
+    hf = make_hf_model("qwen2_moe", str(root / "hf"))
+    return hf, convert(hf, str(root / "megatron"))
+
+
+def peft_moe_model(hf_dir):
+    """The base in float64 with random PEFT adapters on every linear and on both fused expert tensors."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, experts_implementation="eager")
+    torch.manual_seed(1)
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=MODULES,
+                        target_parameters=EXPERT_TENSORS, init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+def per_expert(model) -> dict:
+    """{(module, 'a' or 'b'): (parameter, how to take one expert's tensor or the whole)} of a PEFT model, a routed
+    expert's under the Hub-style name model.layers.N.mlp.experts.E.<gate_up_proj|down_proj>."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ParamWrapper):
+            layer = name.split("base_model.model.", 1)[1].split(".mlp.experts")[0]
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            for e in range(NUM_EXPERTS):
+                key = f"{layer}.mlp.experts.{e}.{module.parameter_name}"
+                found[(key, "a")] = (a, lambda t, e=e: t.reshape(NUM_EXPERTS, RANK, -1)[e])
+                found[(key, "b")] = (b, lambda t, e=e: t.reshape(t.shape[0], RANK, NUM_EXPERTS)[:, :, e])
+    for name, param in model.named_parameters():
+        if (".lora_A." in name or ".lora_B." in name) and ".mlp.experts." not in name:
+            module = name.split("base_model.model.", 1)[1].split(".lora_")[0]
+            found[(module, "a" if ".lora_A." in name else "b")] = (param, lambda t: t)
+    return found
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1), (1, 1, 2), (2, 1, 2)])  # (tp, pp, ep) on 2 processes
+def test_moe_adapters_match_peft(base, tmp_path, layout):
+    """Log-prob sums, every adapter's gradient (routed experts' on the EP rank holding them) and the gradient norm
+    of step 1; the base (routers and experts included) bit-identical after 4 steps."""
+    hf, ckpt = base
+    tokens = torch.randint(0, 300, (ROWS, LENGTH), generator=torch.Generator().manual_seed(3))
+    ref_logp_sum = -torch.linspace(20.0, 60.0, ROWS, dtype=torch.float64)
+    model = peft_moe_model(hf)
+    adapters = per_expert(model)
+    full = {}
+    for (module, kind), (param, take) in adapters.items():
+        full.setdefault(module, {})[kind] = take(param.detach()).float()
+    full = {m: (v["a"], v["b"]) for m, v in full.items()}
+    assert len(full) == 2 * (4 + 3 + 2 * NUM_EXPERTS)  # two layers: attention, shared expert, routed experts
+    want_logp, _ = reference_step(model, tokens, ref_logp_sum)
+    want_grads = {k: take(param.grad) for k, (param, take) in adapters.items()}
+    ranks = spawn(2, lora_step, ckpt, layout, tokens, PROMPTS, ref_logp_sum, full, RANK, ALPHA, 2, layout == (1, 1, 1),
+                  out_dir=tmp_path / "job", timeout=400)
+    for r in (r for r in ranks if r["logp_sum"] is not None):
+        got = r["logp_sum"].double()
+        assert float((got - want_logp[r["rows"]]).abs().max() / want_logp.abs().max()) <= 1e-5
+    seen = set()
+    for r in ranks:
+        for key, got in r["grads"].items():
+            expert = ".mlp.experts." in key[0]
+            want = want_grads[key] if expert else local_slice(want_grads[key], key, key in r["column"], r["tp"])
+            err = float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))  # an expert
+            assert err <= 1e-5, (key, err)  # no token reached has a zero gradient, here as there
+            seen.add(key)
+    assert seen == set(want_grads)
+    fused = [p.grad for n, p in model.named_parameters() if ".lora_" in n]
+    want_norm = float(torch.cat([g.flatten() for g in fused]).norm())
+    for r in ranks:
+        assert abs(r["grad_norm"] - want_norm) <= 1e-5 * want_norm and r["base_unchanged"]
+
+
+def test_moe_training_with_the_base_as_reference(tmp_path, data_prefix):
+    """From a converted Qwen2-MoE at EP 2 with the auxiliary loss on: step-1 weights exactly 1 and m_theta 0 with
+    reference.mode base, the same losses as a co-located reference of the base; the merged export and the PEFT
+    adapter in transformers give our `score`'s log-probs."""
+    import yaml
+
+    from tests.test_lora import exports_match_score
+    from tests.train_workers import metrics, run_commands, tiny_config
+
+    hf = make_hf_model("qwen2_moe", str(tmp_path / "hf"), vocab_size=1024)
+    convert(hf, str(tmp_path / "init"))
+    config = tiny_config(tmp_path, data_prefix, optimizer={"lr": 1e-2})
+    settings = yaml.safe_load(open(config))
+    del settings["model"]  # the checkpoint's
+    open(config, "w").write(yaml.safe_dump(settings))
+    common = ["--config", config, f"checkpoint.init={tmp_path / 'init'}", "train_steps=3", "model.spec=local",
+              "parallel.ep=2", "parallel.etp=1", "lora.rank=4", "lora.alpha=8", "model.moe_aux_loss_coeff=0.01"]
+    spawn(2, run_commands, [("train", common + [f"output_dir={tmp_path / 'base'}"]),
+                            ("train", common + [f"output_dir={tmp_path / 'colocated'}", "reference.mode=colocated"])],
+          out_dir=tmp_path / "job", timeout=400)
+    base, colocated = metrics(tmp_path / "base"), metrics(tmp_path / "colocated")
+    assert base[0]["weight_min"] == base[0]["weight_max"] == 1.0 and base[0]["m_theta"] == 0.0
+    assert base[-1]["m_theta"] != 0.0 and base[-1]["loss"] < base[0]["loss"]
+    for a, b in zip(base, colocated):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(b["loss"]) and abs(a["m_theta"] - b["m_theta"]) <= 1e-6
+    exports_match_score(tmp_path, hf, tmp_path / "base" / "checkpoints", data_prefix, experts_implementation="eager")
+    peft_loads_the_expert_adapters(tmp_path / "peft", hf)
+
+
+def peft_loads_the_expert_adapters(adapter_dir, hf):
+    """Every tensor of the PEFT adapter (the routed experts' trained, nonzero B included) is what PEFT holds after
+    from_pretrained: none left out as an unexpected key."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    experts_b = [k for k in saved if ".mlp.experts." in k and ".lora_B." in k]
+    assert len(experts_b) == 4 and all(saved[k].abs().max() > 0 for k in experts_b)  # 2 layers x 2 tensors
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf, experts_implementation="eager"),
+                                      str(adapter_dir))
+    held = {n.replace(".default.", "."): p for n, p in model.named_parameters() if ".lora_" in n}
+    assert set(held) == set(saved) and all(torch.equal(held[k], saved[k].to(held[k].dtype)) for k in saved)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["lora.target_modules=[experts.linear_fc1]"],
+     r"lora.target_modules\[0\]: 'experts.linear_fc1': the model has no such linear"),
+    (["model.num_experts=4", "parallel.tp=2", "parallel.sp=true", "parallel.etp=2"],
+     r"parallel.etp: must be 1 with adapters on the routed experts"),
+    (["model.num_experts=4", "model.moe_ffn_hidden_size=2", "lora.target_modules=[experts.linear_fc2]"],
+     r"lora.rank: 4 is larger than the model's smallest adapted dimension \(2\)"),
+])
+def test_moe_lora_settings_are_refused_in_one_line(tmp_path, data_prefix, overrides, message):
+    from minorsft_megatron.config import ConfigError, load_config
+    from tests.train_workers import tiny_config
+
+    with pytest.raises(ConfigError, match=r"^(command line|\S+config\.yaml): " + message):
+        load_config(tiny_config(tmp_path, data_prefix), ["lora.rank=4", *overrides])
