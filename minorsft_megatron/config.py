@@ -223,8 +223,8 @@ class LoraConfig:
     alpha: float = 32.0
     """The adapters' output is scaled by alpha / rank (PEFT's lora_alpha)."""
     dropout: float = 0.0
-    """Dropout on the adapters' input (PEFT's lora_dropout). Only 0 is built: the reference pass with the adapters
-    off then sees the same activations."""
+    """Dropout on the adapters' input in training (PEFT's lora_dropout: one mask per adapter), in [0, 1). The
+    reference (reference.mode: base, adapters off), evaluation, score and generate never see it."""
     target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
     """megatron-core linears that get adapters (PEFT modules), matched by the end of their path in the layer as
     Megatron-Bridge matches them: linear_qkv (q_proj, k_proj, v_proj), linear_proj (o_proj), linear_fc1 (gate_proj,
@@ -733,7 +733,7 @@ def _validate_lora(c: TrainConfig, source: str) -> None:
     if lo.rank == 0:
         return
     _require(lo.alpha > 0, source, "lora.alpha", "must be positive")
-    _require(lo.dropout == 0, source, "lora.dropout", "only 0 is built (the reference pass relies on it)")
+    _require(0 <= lo.dropout < 1, source, "lora.dropout", f"{lo.dropout} must be in [0, 1)")
     sites = {s.path: s for layer in range(m.num_layers) for s in config_sites(m, layer)}
     for i, target in enumerate(lo.target_modules):
         _require(target in LORA_TARGETS, source, f"lora.target_modules[{i}]",

@@ -119,11 +119,13 @@ def layer_sites(layer) -> list[tuple[Site, torch.nn.Module]]:
 class AdapterSet(torch.nn.Module):
     """The adapters of one base linear on this TP rank: parameters `<part>_a` and `<part>_b`."""
 
-    def __init__(self, site: Site, config, rank: int, alpha: float, linear, full_a: dict[str, torch.Tensor]):
+    def __init__(self, site: Site, config, rank: int, alpha: float, linear, full_a: dict[str, torch.Tensor],
+                 dropout: float = 0.0):
         """`linear`: the base (its TP group, its experts' communication, its weights' gradient-reduction flag);
-        `full_a`: {part: [rank, in] full A} (the same on every rank); B starts at zero."""
+        `full_a`: {part: [rank, in] full A} (the same on every rank); B starts at zero; `dropout`: on each part's
+        input in training mode (PEFT's lora_dropout: one mask per part)."""
         super().__init__()
-        self.site, self.rank, self.scale = site, rank, alpha / rank
+        self.site, self.rank, self.scale, self.dropout = site, rank, alpha / rank, dropout
         self.column = site.column
         self.tp_group = linear.tp_group
         # a routed expert's linear takes its tokens from the dispatcher, which does the experts' communication
@@ -173,7 +175,12 @@ class AdapterSet(torch.nn.Module):
         from megatron.core import tensor_parallel as tp
 
         a = torch.cat([getattr(self, f"{p}_a") for p in self.parts])  # [parts * r, in(/t)]
-        h = torch.matmul(x, a.t().to(x.dtype))  # [s(/t), b, parts * r]
+        if self.dropout and self.training:  # one mask per part
+            with self._dropout_generator():
+                h = torch.cat([torch.matmul(dropout(x, self.dropout), a_part.t().to(x.dtype))
+                               for a_part in a.split(self.rank)], dim=-1)
+        else:
+            h = torch.matmul(x, a.t().to(x.dtype))  # [s(/t), b, parts * r]
         if self.column:
             h = tp.gather_from_sequence_parallel_region(h, True, self.tp_group) if self.sp else \
                 tp.copy_to_tensor_model_parallel_region(h, self.tp_group)
@@ -183,6 +190,17 @@ class AdapterSet(torch.nn.Module):
         outs = [torch.matmul(hp, getattr(self, f"{p}_b").t().to(x.dtype))
                 for p, hp in zip(self.parts, h.split(self.rank, dim=-1))]
         return self.scale * self._assemble(outs)
+
+    def _dropout_generator(self):
+        """Where the input is the same on every TP rank (a column-parallel base without SP) the default generator,
+        the same on every TP rank: one mask for the whole linear. Where it is split (a row-parallel base's input,
+        sequence shards, a routed expert's tokens) the model-parallel tracker's, different on each TP rank, as
+        megatron-core forks it for split activations."""
+        from megatron.core import tensor_parallel
+
+        if self.column and not self.sp and self.site.expert is None:
+            return contextlib.nullcontext()
+        return tensor_parallel.get_cuda_rng_tracker().fork()
 
     def _assemble(self, outs: list[torch.Tensor]) -> torch.Tensor:
         return assemble(self.target, outs, self.groups_local, dim=-1)
@@ -222,6 +240,11 @@ def config_sites(model_cfg, layer: int) -> list[Site]:
     if m.moe_shared_expert_ffn_hidden_size:
         found += [Site("mlp.shared_experts", t) for t in fc]
     return found + [Site("mlp.experts", t, e) for e in range(m.num_experts) for t in fc]
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """An adapter's input dropout (training mode only: AdapterSet checks)."""
+    return torch.nn.functional.dropout(x, p, training=True)
 
 
 class _ContiguousGradient(torch.autograd.Function):
@@ -283,7 +306,8 @@ def _adapt(linear, site: Site, layer_number: int, lora_cfg, config, seed: int) -
         f"{site.block}.{site.target}" + ("" if site.expert is None else f".{site.expert}")
     full_a = {part: initial_a(seed, layer_number, place, part, lora_cfg.rank, in_features)
               for part, (_, in_features) in full_shapes(site, config).items()}
-    linear.lora = AdapterSet(site, config, lora_cfg.rank, lora_cfg.alpha, linear, full_a).to(config.params_dtype)
+    linear.lora = AdapterSet(site, config, lora_cfg.rank, lora_cfg.alpha, linear, full_a, lora_cfg.dropout).to(
+        config.params_dtype)
     linear.register_forward_hook(_add_adapters)
     linear.sharded_state_dict = types.MethodType(_sharded_state_dict_with_adapters, linear)
 

@@ -9,12 +9,13 @@ import torch
 
 
 def lora_step(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, adapters, rank, alpha, micro_batch_size,
-              distributed_optimizer=False, steps=4, targets=None):
+              distributed_optimizer=False, steps=4, dropout=0.0):
     """`layout`: (tp, pp) or (tp, pp, ep) (expert tensor parallelism 1); `adapters`: {Hugging Face module name
-    (a routed expert's model.layers.N.mlp.experts.E.<part>): (A [rank, in], B [out, rank])} full tensors; `targets`:
-    lora.target_modules (None: the default). An MoE model's auxiliary losses are off. Returns
-    {"logp_sum": [n] or None, "grads": {(module, "a" or "b"): local gradient}, "grad_norm": float, "tp": (size, rank),
-    "base_unchanged": bool}."""
+    (a routed expert's model.layers.N.mlp.experts.E.<part>): (A [rank, in], B [out, rank])} full tensors. An MoE
+    model's auxiliary losses are off. Returns {"logp_sum": [n] or None, "grads": {(module, "a" or "b"): local
+    gradient}, "grad_norm": float, "tp": (size, rank), "base_unchanged": bool}; with `dropout` (lora.dropout), also
+    "masks": {PEFT module name: [b, s, in] the dropout mask (0 or 1 / (1 - p)) step 1 drew} (dense models, one
+    micro-batch) and "eval_draws": the masks drawn by the scoring pass (eval mode) and a pass with adapters off."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -35,8 +36,7 @@ def lora_step(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, adapters, rank
     state = checkpoint.read_state(ckpt)
     cfg = from_dict(TrainConfig, state["config"], ckpt)
     cfg.parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp, sp=tp > 1)
-    cfg.lora = LoraConfig(rank=rank, alpha=alpha) if targets is None else \
-        LoraConfig(rank=rank, alpha=alpha, target_modules=list(targets))
+    cfg.lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout)
     cfg.model.moe_aux_loss_coeff = cfg.model.moe_z_loss_coeff = 0.0
     model, config = build_model(cfg, RolePrecision("fp32"), state["vocab_size"], device, initialize=False,
                                 adapters=True)
@@ -57,8 +57,14 @@ def lora_step(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, adapters, rank
     batches = [SFTBatch(tokens=tokens[i, :-1], labels=tokens[i, 1:], loss_mask=mask[i],
                         position_ids=torch.arange(s).repeat(len(i), 1), ref_logp_sum=ref_logp_sum[i].float(),
                         sample_index=i) for i in rows.split(micro_batch_size)]
+    masks = MaskRecorder(model)
     with torch.no_grad():
+        ddp.eval()
         scored = forward_log_probs([ddp], batches, LogProbCollector(log_probs), s, micro_batch_size)
+        ddp.train()
+        with lora.adapters_disabled(ddp):
+            forward_log_probs([ddp], batches, LogProbCollector(log_probs), s, micro_batch_size)
+    eval_draws = len(masks.drawn)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not lora.is_adapter_key(n)}
     norms = []
     for _ in range(steps):
@@ -67,6 +73,7 @@ def lora_step(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, adapters, rank
         forward_backward([ddp], batches, SFTLossFunction("minor_sft", 0.04, log_probs), s, micro_batch_size)
         if not norms:
             grads = full_gradients(ddp, model, distributed_optimizer)
+            step_masks = masks.named()
         updated, grad_norm, _ = optimizer.step()
         assert updated
         norms.append(grad_norm)
@@ -74,7 +81,8 @@ def lora_step(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, adapters, rank
     assert not frozen, f"base weights must be frozen, with no gradient buffer: {frozen[:3]}"
     base_unchanged = all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
     return {"logp_sum": None if scored is None else scored.logp_sum, "rows": rows, "grads": grads,
-            "grad_norm": float(norms[0]), "base_unchanged": base_unchanged,
+            "grad_norm": float(norms[0]), "base_unchanged": base_unchanged, "masks": step_masks,
+            "eval_draws": eval_draws,
             "tp": (pgs.tp.size(), pgs.tp.rank()), "column": {k for k in grads if k[0].split(".")[-1] in COLUMN}}
 
 
@@ -118,3 +126,34 @@ def adapter_tensors(model) -> dict:
 
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "gate_up_proj")
+
+
+class MaskRecorder:
+    """Records every adapter dropout mask drawn (lora.dropout applied to ones), with the (module, part) it was drawn
+    for: an AdapterSet draws one per part, in part order, and a forward hook names them once it has run."""
+
+    def __init__(self, model):
+        from minorsft_megatron import lora
+
+        self.drawn, self.names, real = [], [], lora.dropout
+
+        def recording(x, p):
+            mask = real(torch.ones_like(x), p)
+            self.drawn.append(mask.detach().clone())
+            return x * mask
+
+        lora.dropout = recording
+        for number, adapter_set in lora.adapter_sets(model):
+            module = adapter_set.site.hf_module(number - 1)
+            adapter_set.register_forward_hook(lambda s, args, out, module=module: self._name(s, module))
+
+    def _name(self, adapter_set, module) -> None:
+        if adapter_set.dropout and adapter_set.training:
+            self.names += [f"{module}.{part}" for part in adapter_set.parts]
+
+    def named(self) -> dict:
+        """{PEFT module name: [b, s, in] mask} of what was drawn since the last call, batch first."""
+        drawn, names = self.drawn[-len(self.names):] if self.names else [], self.names
+        found = {name: mask.transpose(0, 1) for name, mask in zip(names, drawn)}
+        self.names = []
+        return found

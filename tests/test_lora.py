@@ -106,6 +106,47 @@ def test_log_probs_and_adapter_gradients_match_peft(base, tmp_path, layout):
     assert seen == set(want_grads)
 
 
+class FixedMask(torch.nn.Module):
+    """PEFT's lora_dropout replaced by a given mask (what our adapters drew)."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask.to(x.dtype)
+
+
+def test_dropout_masks_match_peft(base, tmp_path):
+    """lora.dropout 0.5: one mask per adapter (q, k and v each their own), drawn in training only (not by the eval
+    scoring pass, nor with the adapters off); PEFT given the masks we drew has our every adapter gradient (1e-5)."""
+    from peft.tuners.lora import LoraLayer
+
+    hf, ckpt = base
+    tokens = torch.randint(0, 300, (ROWS, LENGTH), generator=torch.Generator().manual_seed(3))
+    ref_logp_sum = -torch.linspace(20.0, 60.0, ROWS, dtype=torch.float64)
+    model = peft_model(hf)
+    adapters = {}
+    for (module, kind), param in adapter_parameters(model).items():
+        adapters.setdefault(module, {})[kind] = param.detach().float()
+    adapters = {m: (v["a"], v["b"]) for m, v in adapters.items()}
+    [ours] = spawn(1, lora_step, ckpt, (1, 1), tokens, PROMPTS, ref_logp_sum, adapters, RANK, ALPHA, ROWS, False, 1,
+                   0.5, out_dir=tmp_path / "job", timeout=300)
+    masks = ours["masks"]
+    assert ours["eval_draws"] == 0 and set(masks) == set(adapters)
+    for mask in masks.values():
+        assert set(mask.unique().tolist()) == {0.0, 2.0} and 0.3 < float((mask == 0).float().mean()) < 0.7
+    assert not torch.equal(masks["model.layers.0.self_attn.q_proj"], masks["model.layers.0.self_attn.k_proj"])
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            module.lora_dropout["default"] = FixedMask(masks[name.split("base_model.model.", 1)[1]].double())
+    _, want_grads = reference_step(model, tokens, ref_logp_sum)
+    for key, got in ours["grads"].items():
+        err = float((got.double() - want_grads[key]).abs().max() / want_grads[key].abs().max())
+        assert err <= 1e-5, (key, err)
+    assert set(ours["grads"]) == set(want_grads)
+
+
 def test_training_with_the_base_as_reference(tmp_path, data_prefix):
     """fp32, DP 2 with the distributed optimizer, from a converted Llama: reference.mode base gives step-1 weights
     exactly 1 and m_theta 0 and the same losses over 4 steps as a co-located reference holding the base's weights;
@@ -132,7 +173,9 @@ def test_training_with_the_base_as_reference(tmp_path, data_prefix):
                             ("train", common + [f"output_dir={tmp_path / 'bf16'}", "precision.dtype=bf16",
                                                 "train_steps=2"]),
                             ("train", common + [f"output_dir={tmp_path / 'fp16'}", "precision.dtype=fp16",
-                                                "precision.initial_loss_scale=1024", "train_steps=2"])],
+                                                "precision.initial_loss_scale=1024", "train_steps=2"]),
+                            ("train", common + [f"output_dir={tmp_path / 'dropout'}", "lora.dropout=0.1",
+                                                "parallel.tp=2", "parallel.sp=true", "train_steps=2"])],
           out_dir=tmp_path / "job", timeout=400)
     base, colocated = metrics(tmp_path / "base"), metrics(tmp_path / "colocated")
     bf16 = metrics(tmp_path / "bf16")  # bf16 weights, fp32 main weights: the base reference is still exact
@@ -141,6 +184,9 @@ def test_training_with_the_base_as_reference(tmp_path, data_prefix):
     fp16 = metrics(tmp_path / "fp16")  # fp16 with the dynamic loss scale: the same
     assert fp16[0]["weight_min"] == fp16[0]["weight_max"] == 1.0 and fp16[0]["m_theta"] == 0.0
     assert not any(r["skipped"] for r in fp16) and fp16[1]["m_theta"] != 0.0
+    dropout = metrics(tmp_path / "dropout")  # TP 2 + SP, dropout on the adapters: the base reference never sees it
+    assert dropout[0]["weight_min"] == dropout[0]["weight_max"] == 1.0 and dropout[0]["m_theta"] == 0.0
+    assert dropout[1]["m_theta"] != 0.0
     resumed = metrics(tmp_path / "halves")  # steps 3-4 at TP 2: the adapters and their Adam state resharded
     assert resumed[:2] == base[:2] and all(abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"]
                                            for a, b in zip(resumed[2:], base[2:]))
@@ -257,7 +303,7 @@ def exports_match_score(tmp_path, hf, trained, data_prefix, **load):
     (["lora.rank=4", "lora.target_modules=[linear_qkv, q_proj]"],
      r"lora.target_modules\[1\]: 'q_proj' is not a linear of the model"),
     (["lora.rank=65"], r"lora.rank: 65 is larger than the model's smallest adapted dimension \(32\)"),
-    (["lora.rank=4", "lora.dropout=0.1"], r"lora.dropout: only 0 is built"),
+    (["lora.rank=4", "lora.dropout=1.0"], r"lora.dropout: 1.0 must be in \[0, 1\)"),
     (["reference.mode=base"], r"reference.mode: base \(the policy with its adapters off\) needs LoRA"),
 ])
 def test_lora_settings_are_refused_in_one_line(tmp_path, data_prefix, overrides, message):
