@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 import torch.distributed as dist
@@ -70,5 +71,5 @@ def run_main(job) -> int:
 def die_with_launcher() -> None:
     """Under torchrun, have the kernel end this rank when the launcher dies (SIGKILL of the agent would otherwise
     leave the ranks training on, unsupervised). Linux only; elsewhere nothing."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        die_with_parent(os.getppid())
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # SIGKILL: SIGTERM asks a rank to save and stop (stop_signal.py)
+        die_with_parent(os.getppid(), signal.SIGKILL)

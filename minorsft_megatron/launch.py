@@ -5,13 +5,17 @@ The same options and behaviour as `torchrun` (it runs `torch.distributed.run`), 
   included, so a bad setting is one line before any process starts;
 - when the first rank to fail ended with a user error (exit status 2: rank 0 has printed its one line) or was
   interrupted, it exits with that status and adds no report of its own; any other failure is reported as
-  torchrun does.
+  torchrun does;
+- SIGTERM (preemption) and SIGUSR1 (Slurm's --signal before the time limit) are handed on to the ranks, which save
+  a checkpoint at the next step boundary and exit 0 (stop_signal.py), and the agent goes on supervising them
+  (torchrun would close the ranks and fail on SIGTERM, and die of SIGUSR1).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 USER_ERROR, INTERRUPTED = 2, 130
@@ -43,6 +47,39 @@ def check_training_config(args) -> int:
     return config_module.main(["--config", config, *overrides] + (["--world-size", str(size)] if size else []))
 
 
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def forward_stop_signals(args) -> None:
+    """Take SIGTERM and SIGUSR1 from torchrun (its --signals-to-handle, which it takes over as it starts the ranks)
+    and hand them on to this process's children, the ranks."""
+    names = {s.name for s in FORWARDED_SIGNALS}
+    args.signals_to_handle = ",".join(h for h in args.signals_to_handle.split(",") if h.strip() not in names)
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, _hand_on)
+        signal.siginterrupt(sig, False)
+
+
+def _hand_on(signum, _frame) -> None:
+    for pid in child_pids():
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def child_pids() -> list[int]:
+    """This process's children (Linux: /proc/self/task/*/children)."""
+    pids = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children", encoding="ascii") as f:
+                pids += [int(pid) for pid in f.read().split()]
+        except OSError:
+            continue
+    return pids
+
+
 def main(argv=None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -53,6 +90,7 @@ def main(argv=None) -> int:
     if status:
         return status
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its banner
+    forward_stop_signals(args)
     for name in list(logging.root.manager.loggerDict):  # torch sets each elastic module's level itself
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)

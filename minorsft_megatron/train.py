@@ -15,13 +15,13 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 import yaml
 
-from minorsft_megatron import checkpoint, evaluate, lora, moe, parallel, paths, transformer_engine
+from minorsft_megatron import checkpoint, evaluate, lora, moe, parallel, paths, stop_signal, transformer_engine
 from minorsft_megatron.cli import ArgumentParser, run_main
 from minorsft_megatron.errors import UserError
 from minorsft_megatron.config import (
@@ -98,6 +98,10 @@ class Run:
     """Rank 0's lock on the run directory (paths.DirectoryLock), held until the process ends."""
     routing: moe.RoutingStatistics | None = None
     """An MoE policy's routing figures for the log; None for a dense model."""
+    stop_request: stop_signal.StopRequest = field(default_factory=stop_signal.StopRequest)
+    """This rank's record of a stop signal (SIGTERM, SIGUSR1)."""
+    stop_signal: int = 0
+    """The stop signal the ranks agreed on at the last step (0: none): save and stop."""
     held_out: list = None
     """The data.valid sets (evaluate.HeldOutSet); [] without evaluation."""
     greedy: tuple | None = None
@@ -250,7 +254,8 @@ def setup(cfg: TrainConfig, source: str) -> Run:
               stop_at=min(total_steps, cfg.stop_at_step or total_steps), policy=policy, reference=reference,
               loss_fn=policy_loss(cfg, policy, vocab, pgs, reference),
               save_dir=save_dir, start_id=start_id, hf_origin=hf_origin, lock=lock,
-              routing=routing_statistics(cfg, policy), held_out=held_out, greedy=greedy, best_value={})
+              routing=routing_statistics(cfg, policy), held_out=held_out, greedy=greedy, best_value={},
+              stop_request=stop_signal.StopRequest().install())
     resumed_from = resume(run)
     attach_held_out_references(run)
     run.best = checkpoint.read_best(run.save_dir, cfg.checkpoint.keep_best) if cfg.checkpoint.keep_best else None
@@ -415,10 +420,11 @@ def parameters_gathered(ddp):
         ddp.enable_forward_pre_hook()
 
 
-def save_if_due(run: Run) -> None:
-    """Save at every checkpoint.interval and (checkpoint.save_final) at the iteration this invocation stops at."""
+def save_if_due(run: Run, force: bool = False) -> None:
+    """Save at every checkpoint.interval, (checkpoint.save_final) at the iteration this invocation stops at, and
+    when `force`d (a stop signal)."""
     interval, final = run.cfg.checkpoint.interval, run.cfg.checkpoint.save_final
-    if (interval and run.iteration % interval == 0) or (final and run.iteration == run.stop_at):
+    if force or (interval and run.iteration % interval == 0) or (final and run.iteration == run.stop_at):
         protect, best = best_to_keep(run)
         with parameters_gathered(run.policy.ddp):
             path = checkpoint.save(run.save_dir, run.iteration, run.policy.model, run.policy.optimizer,
@@ -589,7 +595,7 @@ def train_step(run: Run, micro_batches) -> dict:
         p = run.cfg.parallel
         metrics.update(run.routing.reduce(len(micro_batches), dist.group.WORLD, p.tp, p.cp, run.pgs.dp.size(), p.sp))
     record = log_step(run, lr, metrics, grad_norm, tokens, step_start, loss_scale, updated)
-    check_finite(run, metrics, grad_norm)
+    check_step(run, metrics, grad_norm)
     return record
 
 
@@ -605,15 +611,17 @@ def log_step(run: Run, lr, metrics, grad_norm, tokens, step_start, loss_scale, u
     return record
 
 
-def check_finite(run: Run, metrics: dict, grad_norm) -> None:
+def check_step(run: Run, metrics: dict, grad_norm) -> None:
     """Every rank: stop, before anything is saved, at a non-finite loss (last stage) or gradient norm (an fp16 step
-    the loss scaler skipped has none, and is fine). Collective: one all-reduce (min) of a flag."""
+    the loss scaler skipped has none, and is fine); and agree on a stop signal any rank received (run.stop_signal:
+    the largest signal number, 0 for none). Collective: one all-reduce (min) of two flags."""
     finite = grad_norm is None or math.isfinite(grad_norm)
     if "loss" in metrics:
         finite = finite and bool(torch.isfinite(metrics["loss"]))
-    flag = torch.tensor([1.0 if finite else 0.0], device=run.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if flag.item() < 1:
+    flags = torch.tensor([1.0 if finite else 0.0, -float(run.stop_request.received)], device=run.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    finite_everywhere, run.stop_signal = flags.tolist()[0], int(-flags.tolist()[1])
+    if finite_everywhere < 1:
         kept = checkpoint.latest(run.save_dir)
         raise NonFiniteError(f"iteration {run.iteration}: the loss or the gradient norm is not finite; stopped "
                              "without saving. " + (f"The last complete checkpoint is {kept}" if kept else
@@ -640,8 +648,14 @@ def train(cfg: TrainConfig, source: str) -> dict:
             break
         record = train_step(run, micro_batches)
         evaluate_if_due(run)
-        save_if_due(run)
+        save_if_due(run, force=bool(run.stop_signal))
+        if run.stop_signal:
+            break
     finish(run)
+    if run.stop_signal and run.log is not None:
+        print(f"stopped on {stop_signal.name(run.stop_signal)} at iteration {run.iteration}: checkpoint "
+              f"{checkpoint.iteration_dir(run.save_dir, run.iteration)} saved; the same command resumes from it",
+              flush=True)
     return record
 
 

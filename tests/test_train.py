@@ -212,3 +212,36 @@ def test_score_refuses_bad_input_in_one_line(tmp_path, data_prefix, argv, messag
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [message.replace("NOWHERE", names["NOWHERE"])]
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_slurm_script_off_a_gpu_cluster(tmp_path, data_prefix):
+    """launch/slurm.sbatch outside Slurm's GPU assumptions, with `srun` stood in for: processes per node from what
+    the job was given (none: one line), a rendezvous host that does not resolve (one line), a valid CPU config at
+    2 nodes x 2 processes checked for 4 processes (not 16) and run with one OMP thread per process per CPU share."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/usr/bin/env bash\necho "srun $* OMP=$OMP_NUM_THREADS"\n')
+    (fake / "srun").chmod(0o755)
+    script, config = os.path.join(REPO, "launch", "slurm.sbatch"), os.path.join(REPO, "examples", "tiny_cpu.yaml")
+    slurm = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_NNODES="2", SLURM_JOB_ID="7",
+                 SLURM_CPUS_ON_NODE="4", MASTER_ADDR="localhost")
+    slurm.pop("SLURM_GPUS_ON_NODE", None)
+
+    def sbatch(*args, **env):
+        return subprocess.run(["bash", script, config, "device=cpu", f"data.prefix={data_prefix}", *args],
+                              env={**slurm, **env}, capture_output=True, text=True, cwd=REPO, timeout=120)
+
+    none = sbatch()
+    assert none.returncode == 2 and none.stderr.strip().splitlines() == [
+        "error: the job has no GPUs on its nodes (SLURM_GPUS_ON_NODE unset): set NPROC_PER_NODE, the processes per "
+        "node"] and none.stdout == ""
+    unresolved = sbatch(NPROC_PER_NODE="2", MASTER_ADDR="n1.invalid")
+    assert unresolved.returncode == 2 and unresolved.stderr.strip().splitlines() == [
+        "error: the rendezvous host n1.invalid (the job's first node) does not resolve here: set MASTER_ADDR"]
+    ran = sbatch(NPROC_PER_NODE="2")
+    assert ran.returncode == 0, ran.stderr
+    words = ran.stdout.split()
+    assert words[words.index("--nnodes") + 1] == "2" and words[words.index("--nproc-per-node") + 1] == "2"
+    assert words[words.index("--rdzv-endpoint") + 1] == "localhost:29500" and words[-1] == "OMP=2"
+    bad = sbatch("data.global_batch_size=30", NPROC_PER_NODE="2")
+    assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1

@@ -1,0 +1,53 @@
+"""Time limits and preemption under torchrun (minorsft_megatron.launch, 2 ranks): SIGUSR1 (what Slurm's
+--signal=USR1@S sends) or SIGTERM (preemption) to the agent makes every rank save a checkpoint at the next step
+boundary and exit 0 with one line, within a bound; the same command then resumes from that checkpoint, and its
+steps equal a straight run's bit for bit (fp32)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.train_workers import metrics, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12
+BOUND_S = 60  # from the signal to the agent's exit: one step, one save and the shutdown, on two CPU cores
+
+
+def command(config, out):
+    return [sys.executable, "-m", "minorsft_megatron.launch", "--nproc-per-node", "2", "-m", "minorsft_megatron.train",
+            "--config", config, f"output_dir={out}", f"train_steps={STEPS}", "logging.interval=1",
+            "checkpoint.interval=0"]
+
+
+def run_to_signal(config, out, sig):
+    """Start the run, send `sig` to the agent once a step is logged; (exit status, seconds to exit, stdout)."""
+    launcher = subprocess.Popen(command(config, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    deadline = time.time() + 180
+    while not (os.path.exists(f"{out}/metrics.jsonl") and open(f"{out}/metrics.jsonl").read().strip()):
+        assert time.time() < deadline and launcher.poll() is None, launcher.communicate()
+        time.sleep(0.05)
+    sent = time.time()
+    launcher.send_signal(sig)
+    stdout, stderr = launcher.communicate(timeout=BOUND_S + 60)
+    return launcher.returncode, time.time() - sent, stdout, stderr
+
+
+def test_a_signal_saves_at_the_next_step_and_resumes_bit_for_bit(tmp_path, data_prefix):
+    config = tiny_config(tmp_path, data_prefix)
+    straight = tmp_path / "straight"
+    subprocess.run(command(config, straight), cwd=REPO, check=True, capture_output=True, timeout=300)
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        out = tmp_path / sig.name
+        code, seconds, stdout, stderr = run_to_signal(config, out, sig)
+        stopped = [line for line in stdout.splitlines() if line.startswith("stopped on")]
+        assert code == 0 and seconds < BOUND_S and len(stopped) == 1, (code, seconds, stdout[-2000:], stderr[-2000:])
+        rows = metrics(out)
+        k = rows[-1]["iteration"]
+        assert stopped[0].startswith(f"stopped on {sig.name} at iteration {k}: checkpoint ") and k < STEPS
+        assert os.path.isdir(out / "checkpoints" / f"iter_{k:07d}") and rows == metrics(straight)[:k]
+    subprocess.run(command(config, out), cwd=REPO, check=True, capture_output=True, timeout=300)  # the same command
+    assert metrics(out) == metrics(straight)  # steps 1..k before the signal, k+1.. after the resume, bit for bit
