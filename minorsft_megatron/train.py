@@ -620,7 +620,8 @@ def check_step(run: Run, metrics: dict, grad_norm) -> None:
         finite = finite and bool(torch.isfinite(metrics["loss"]))
     flags = torch.tensor([1.0 if finite else 0.0, -float(run.stop_request.received)], device=run.device)
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    finite_everywhere, run.stop_signal = flags.tolist()[0], int(-flags.tolist()[1])
+    finite_everywhere, negated_signal = flags.tolist()  # one host copy
+    run.stop_signal = int(-negated_signal)
     if finite_everywhere < 1:
         kept = checkpoint.latest(run.save_dir)
         raise NonFiniteError(f"iteration {run.iteration}: the loss or the gradient norm is not finite; stopped "

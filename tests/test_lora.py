@@ -54,6 +54,20 @@ def adapter_parameters(model) -> dict:
     return found
 
 
+def step_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [ROWS, LENGTH], the reference's log-prob sums [ROWS] in float64) of the one-step comparisons."""
+    tokens = torch.randint(0, 300, (ROWS, LENGTH), generator=torch.Generator().manual_seed(3))
+    return tokens, -torch.linspace(20.0, 60.0, ROWS, dtype=torch.float64)
+
+
+def full_adapters(tensors: dict) -> dict:
+    """{module: (A, B)} in fp32 for lora_step from {(module, 'a' or 'b'): tensor}."""
+    pairs = {}
+    for (module, kind), tensor in tensors.items():
+        pairs.setdefault(module, {})[kind] = tensor.detach().float()
+    return {m: (v["a"], v["b"]) for m, v in pairs.items()}
+
+
 def reference_step(model, tokens, ref_logp_sum):
     """Per-sample answer log-prob sums and the adapters' gradients of one MinorSFT step, in float64."""
     mask = answer_mask(tokens, PROMPTS).double()
@@ -77,13 +91,9 @@ def test_log_probs_and_adapter_gradients_match_peft(base, tmp_path, layout):
     """Through megatron-core's DDP and optimizer (the distributed optimizer at DP 2): the log-prob sums, every
     adapter's gradient and the gradient norm (the adapters' alone) of step 1; the base bit-identical after 4."""
     hf, ckpt = base
-    tokens = torch.randint(0, 300, (ROWS, LENGTH), generator=torch.Generator().manual_seed(3))
-    ref_logp_sum = -torch.linspace(20.0, 60.0, ROWS, dtype=torch.float64)
+    tokens, ref_logp_sum = step_inputs()
     model = peft_model(hf)
-    adapters = {}
-    for (module, kind), param in adapter_parameters(model).items():
-        adapters.setdefault(module, {})[kind] = param.detach().float()
-    adapters = {m: (v["a"], v["b"]) for m, v in adapters.items()}
+    adapters = full_adapters(adapter_parameters(model))
     assert len(adapters) == 2 * len(MODULES)  # two layers
     want_logp, want_grads = reference_step(model, tokens, ref_logp_sum)
     ranks = spawn(2, lora_step, ckpt, layout, tokens, PROMPTS, ref_logp_sum, adapters, RANK, ALPHA, 2,
@@ -123,13 +133,9 @@ def test_dropout_masks_match_peft(base, tmp_path):
     from peft.tuners.lora import LoraLayer
 
     hf, ckpt = base
-    tokens = torch.randint(0, 300, (ROWS, LENGTH), generator=torch.Generator().manual_seed(3))
-    ref_logp_sum = -torch.linspace(20.0, 60.0, ROWS, dtype=torch.float64)
+    tokens, ref_logp_sum = step_inputs()
     model = peft_model(hf)
-    adapters = {}
-    for (module, kind), param in adapter_parameters(model).items():
-        adapters.setdefault(module, {})[kind] = param.detach().float()
-    adapters = {m: (v["a"], v["b"]) for m, v in adapters.items()}
+    adapters = full_adapters(adapter_parameters(model))
     [ours] = spawn(1, lora_step, ckpt, (1, 1), tokens, PROMPTS, ref_logp_sum, adapters, RANK, ALPHA, ROWS, False, 1,
                    0.5, out_dir=tmp_path / "job", timeout=300)
     masks = ours["masks"]

@@ -14,7 +14,7 @@ import torch
 from tests.convert_workers import make_hf_model
 from tests.distributed import spawn
 from tests.lora_workers import lora_step
-from tests.test_lora import BETA, LENGTH, PROMPTS, ROWS, local_slice, reference_step
+from tests.test_lora import PROMPTS, full_adapters, local_slice, reference_step, step_inputs
 
 RANK, ALPHA = 4, 8.0
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -74,14 +74,10 @@ def test_moe_adapters_match_peft(base, tmp_path, layout):
     """Log-prob sums, every adapter's gradient (routed experts' on the EP rank holding them) and the gradient norm
     of step 1; the base (routers and experts included) bit-identical after 4 steps."""
     hf, ckpt = base
-    tokens = torch.randint(0, 300, (ROWS, LENGTH), generator=torch.Generator().manual_seed(3))
-    ref_logp_sum = -torch.linspace(20.0, 60.0, ROWS, dtype=torch.float64)
+    tokens, ref_logp_sum = step_inputs()
     model = peft_moe_model(hf)
     adapters = per_expert(model)
-    full = {}
-    for (module, kind), (param, take) in adapters.items():
-        full.setdefault(module, {})[kind] = take(param.detach()).float()
-    full = {m: (v["a"], v["b"]) for m, v in full.items()}
+    full = full_adapters({key: take(param) for key, (param, take) in adapters.items()})
     assert len(full) == 2 * (4 + 3 + 2 * NUM_EXPERTS)  # two layers: attention, shared expert, routed experts
     want_logp, _ = reference_step(model, tokens, ref_logp_sum)
     want_grads = {k: take(param.grad) for k, (param, take) in adapters.items()}
