@@ -17,3 +17,6 @@ warnings.filterwarnings(
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
                         category=UserWarning)
 warnings.filterwarnings("ignore", message="The argument order of load has been changed", category=UserWarning)
+# torch 2.13 renames two collectives that megatron-core calls by their old names (one notice per rank, per name).
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is "
+                        "deprecated", category=FutureWarning)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from minorsft_megatron import parallel
 from minorsft_megatron.compat import check_megatron_version
-from minorsft_megatron.errors import UserError
+from minorsft_megatron.errors import LOST_PEER_EXIT, UserError, lost_peer
 from minorsft_megatron.lifetime import die_with_parent
 
 
@@ -45,7 +45,8 @@ def set_single_process_defaults() -> None:
 
 def run_main(job) -> int:
     """Run `job()` as a command: a user error (errors.UserError) is one line on stderr from rank 0 and exit status
-    2; Ctrl-C is one line and status 130. Under torchrun, this rank dies with its launcher."""
+    2; Ctrl-C is one line and status 130; a collective that lost its peer (another process or node died) is one
+line from each rank that saw it and status 3. Under torchrun, this rank dies with its launcher."""
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
@@ -62,6 +63,13 @@ def run_main(job) -> int:
         if os.environ["RANK"] == "0":
             print("error: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        gist = lost_peer(err)
+        if gist is None:
+            raise
+        print(f"error: rank {os.environ['RANK']} lost another rank of the job ({gist}): a process or node died; "
+              "the first failure in the job's logs says why", file=sys.stderr)
+        return LOST_PEER_EXIT
     finally:
         if dist.is_initialized():
             parallel.destroy()

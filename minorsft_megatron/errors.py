@@ -5,3 +5,20 @@ else is a bug and keeps its traceback."""
 
 class UserError(ValueError):
     """A problem with the user's input or environment; the message is one line naming the file, key or flag."""
+
+
+LOST_PEER_EXIT = 3  # the exit status of a rank whose collective lost a peer: another process or node died
+_LOST_PEER_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                      "NCCL communicator was aborted", "ProcessGroupNCCL's watchdog got stuck")
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """The gist of a collective's failure because a peer went away (gloo's reset connection, NCCL's aborted
+    communicator), else None: what a rank reports in one line when another process or node of the job died."""
+    import re
+
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if not any(marker in text for marker in _LOST_PEER_MARKERS):
+        return None
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's [source file:line] prefix
+    return text.split(" This is typically")[0].rstrip(".")

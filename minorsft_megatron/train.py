@@ -233,6 +233,7 @@ def setup(cfg: TrainConfig, source: str) -> Run:
     """Check the config, join the job, build the data, policy and reference, and resume where a save is."""
     from megatron.core import parallel_state
 
+    stop_request = stop_signal.StopRequest().install()  # from here on, a stop signal waits for the first step
     device = setup_device(cfg.device)
     validate(cfg, source, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     check_for_device(cfg, source, device.type)
@@ -255,7 +256,7 @@ def setup(cfg: TrainConfig, source: str) -> Run:
               loss_fn=policy_loss(cfg, policy, vocab, pgs, reference),
               save_dir=save_dir, start_id=start_id, hf_origin=hf_origin, lock=lock,
               routing=routing_statistics(cfg, policy), held_out=held_out, greedy=greedy, best_value={},
-              stop_request=stop_signal.StopRequest().install())
+              stop_request=stop_request)
     resumed_from = resume(run)
     attach_held_out_references(run)
     run.best = checkpoint.read_best(run.save_dir, cfg.checkpoint.keep_best) if cfg.checkpoint.keep_best else None
@@ -653,6 +654,7 @@ def train(cfg: TrainConfig, source: str) -> dict:
         if run.stop_signal:
             break
     finish(run)
+    run.stop_request.restore()
     if run.stop_signal and run.log is not None:
         print(f"stopped on {stop_signal.name(run.stop_signal)} at iteration {run.iteration}: checkpoint "
               f"{checkpoint.iteration_dir(run.save_dir, run.iteration)} saved; the same command resumes from it",

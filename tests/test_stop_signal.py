@@ -51,3 +51,20 @@ def test_a_signal_saves_at_the_next_step_and_resumes_bit_for_bit(tmp_path, data_
         assert os.path.isdir(out / "checkpoints" / f"iter_{k:07d}") and rows == metrics(straight)[:k]
     subprocess.run(command(config, out), cwd=REPO, check=True, capture_output=True, timeout=300)  # the same command
     assert metrics(out) == metrics(straight)  # steps 1..k before the signal, k+1.. after the resume, bit for bit
+
+
+def test_a_signal_before_the_ranks_are_up_waits_for_them(tmp_path, data_prefix):
+    """SIGUSR1 to the agent half a second after it starts, while it checks the config and the ranks import (the
+    default action would kill them): the agent hands it on once each rank catches it, and the run stops at the
+    first step boundary with a checkpoint, exit 0."""
+    config = tiny_config(tmp_path, data_prefix)
+    out = tmp_path / "early"
+    launcher = subprocess.Popen(command(config, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    time.sleep(0.5)
+    launcher.send_signal(signal.SIGUSR1)
+    stdout, stderr = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, (stdout[-2000:], stderr[-2000:])
+    assert [line for line in stdout.splitlines() if line.startswith("stopped on")] == [
+        f"stopped on SIGUSR1 at iteration 1: checkpoint {out}/checkpoints/iter_0000001 saved; the same command "
+        "resumes from it"]
