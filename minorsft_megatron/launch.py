@@ -73,18 +73,23 @@ class StopForwarder:
     it. A thread started with the ranks hands each signal on to every child, those started later included."""
 
     def __init__(self):
-        self.signum, self.delivered = 0, set()
+        self.pending = (0, set())  # (the last signal, the children handed it): replaced whole, never half
+        self.previous = {}
+
+    @property
+    def signum(self) -> int:
+        return self.pending[0]
 
     def install(self) -> "StopForwarder":
         for sig in FORWARDED_SIGNALS:
-            signal.signal(sig, self)
+            self.previous[sig] = signal.signal(sig, self)
             signal.siginterrupt(sig, False)
         return self
 
     def uninstall(self) -> None:
-        """Back to the default actions; a signal that came meanwhile is raised again."""
-        for sig in FORWARDED_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+        """The handlers this process had before, back; a signal that came meanwhile is raised again."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
         if self.signum:
             os.kill(os.getpid(), self.signum)
 
@@ -95,16 +100,16 @@ class StopForwarder:
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
 
     def __call__(self, signum, _frame) -> None:
-        self.signum, self.delivered = signum, set()
+        self.pending = (signum, set())
 
     def _deliver(self) -> None:
         while True:
-            signum, delivered = self.signum, self.delivered
+            signum, delivered = self.pending
             for pid in child_pids() if signum else ():
                 if pid not in delivered:
                     try:
                         os.kill(pid, signum)
-                    except ProcessLookupError:
+                    except OSError:  # gone meanwhile
                         pass
                     delivered.add(pid)
             time.sleep(0.1)

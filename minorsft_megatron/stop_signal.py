@@ -17,23 +17,18 @@ class StopRequest:
 
     def __init__(self):
         self.received = 0
-        self.previous = {}
 
     def install(self) -> "StopRequest":
-        """Take over STOP_SIGNALS in this process (only the main thread can; elsewhere nothing)."""
+        """Take over STOP_SIGNALS in this process (only the main thread can; elsewhere nothing), for good: a
+        signal that comes after the run (the launcher's copy of one Slurm also sent directly) is recorded, not
+        fatal."""
         if threading.current_thread() is not threading.main_thread():
             return self
         for sig in STOP_SIGNALS:
-            self.previous[sig] = signal.signal(sig, self._record)
+            signal.signal(sig, self._record)
             signal.siginterrupt(sig, False)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by our launcher until now: one pending
         return self                                                  # since the rank started is recorded here
-
-    def restore(self) -> None:
-        """The handlers install() replaced, back (the run is over: a later signal acts as it did before)."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
 
     def _record(self, signum, _frame) -> None:
         self.received = signum

@@ -654,7 +654,6 @@ def train(cfg: TrainConfig, source: str) -> dict:
         if run.stop_signal:
             break
     finish(run)
-    run.stop_request.restore()
     if run.stop_signal and run.log is not None:
         print(f"stopped on {stop_signal.name(run.stop_signal)} at iteration {run.iteration}: checkpoint "
               f"{checkpoint.iteration_dir(run.save_dir, run.iteration)} saved; the same command resumes from it",

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from minorsft_megatron.lifetime import die_with_parent
+
 NODES = ("n1", "n2")
 HOSTS_LINE = "127.0.0.1 n1 n2  # minorsft-megatron tests/slurm_cluster.py\n"
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -29,7 +31,8 @@ class ClusterUnavailable(RuntimeError):
 
 
 def slurm_conf(root: Path, cpus: int, ctld_port: int, node_port: int) -> str:
-    """slurm.conf for two slurmd on localhost (MULTIPLE_SLURMD): no cgroups, no accounting, state under root."""
+    """slurm.conf for two slurmd on localhost (MULTIPLE_SLURMD): no cgroups, no accounting, state under root; job
+    credentials live 10 s (default 120), which is also how long Slurm holds a requeued job (plus 1 s)."""
     return f"""ClusterName=minorsft-ci
 SlurmctldHost=localhost
 SlurmctldPort={ctld_port}
@@ -37,7 +40,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/socket
+AuthInfo=socket={root}/munge/socket,cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
@@ -66,9 +69,13 @@ PartitionName=ci Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
 class SlurmCluster:
     """Starts munged, slurmctld and slurmd -N n1/n2 under `root`; `env` is the environment clients need."""
 
-    def __init__(self, root: str | os.PathLike, cpus: int = 1, ctld_port: int = 16817, node_port: int = 17001):
+    def __init__(self, root: str | os.PathLike, cpus: int = 1, ctld_port: int | None = None,
+                 node_port: int | None = None):
+        """Ports: slurmctld's, and the first of the two slurmd's (free ones by default)."""
         self.root = Path(root)
-        self.cpus, self.ctld_port, self.node_port = cpus, ctld_port, node_port
+        self.cpus = cpus
+        self.ctld_port = ctld_port or _free_ports(1, above=17000)
+        self.node_port = node_port or _free_ports(2, above=self.ctld_port)
         self.procs: list[subprocess.Popen] = []
         self.added_hosts_line = False
         self.env = dict(os.environ, SLURM_CONF=str(self.root / "slurm.conf"))
@@ -108,8 +115,10 @@ class SlurmCluster:
 
     def _daemon(self, argv: list[str], name: str) -> None:
         log = open(self.root / "log" / f"{name.replace(' ', '.')}.stdout", "wb")
+        parent = os.getpid()  # a daemon dies with the process that started it, even if that one is killed
         self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                           start_new_session=True))
+                                           start_new_session=True,
+                                           preexec_fn=lambda: die_with_parent(parent, signal.SIGTERM)))
         self.procs[-1].name = name
 
     def _wait(self, ready, seconds: float, what: str) -> None:
@@ -160,9 +169,20 @@ class SlurmCluster:
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} still {self.job_state(job_id)} after {timeout:.0f} s")
 
+    def step_launched(self, job_id: str) -> bool:
+        """Whether any slurmd launched a step of the job (its log's `launch task StepId=J.N`)."""
+        logs = (self.root / "log").glob("slurmd.n*.log")
+        return any(f"launch task StepId={job_id}." in path.read_text() for path in logs)
+
     # -- stop ----------------------------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Stops the daemons started here (slurmd first) and removes the hosts line this cluster added."""
+        """Cancels every job, stops the daemons started here (slurmd first) and removes the hosts line this cluster
+        added."""
+        if any(p.name == "slurmctld" and p.poll() is None for p in self.procs):
+            self.run("scancel", "--partition=ci", "--full")  # the jobs' processes would outlive slurmd
+            deadline = time.monotonic() + 30
+            while self.run("squeue", "-h").stdout.strip() and time.monotonic() < deadline:
+                time.sleep(0.5)
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -177,6 +197,21 @@ class SlurmCluster:
             text = Path("/etc/hosts").read_text()
             Path("/etc/hosts").write_text(text.replace(HOSTS_LINE, "", 1))
             self.added_hosts_line = False
+
+
+def _free_ports(count: int, above: int) -> int:
+    """The first of `count` consecutive TCP ports above `above` free on localhost now."""
+    import socket
+
+    for base in range(above + 1, 30000):
+        try:
+            held = [socket.create_server(("127.0.0.1", base + i)) for i in range(count)]
+        except OSError:
+            continue
+        for sock in held:
+            sock.close()
+        return base
+    raise ClusterUnavailable(f"no {count} consecutive free ports between {above + 1} and 30000")
 
 
 def _path(program: str) -> str:

@@ -25,11 +25,18 @@ FAILURE_BOUND_S = 60  # from a rank's SIGKILL to the job's end: gloo sees the pe
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """The cluster; skipped where it cannot start, failed instead where MINORSFT_REQUIRE_SLURM=1 (.ci/run sets it
+    once apt-get has installed Slurm, so that CI cannot skip these tests unnoticed)."""
     try:
-        with SlurmCluster(tmp_path_factory.mktemp("slurm")) as running:
-            yield running
+        running = SlurmCluster(tmp_path_factory.mktemp("slurm")).__enter__()
     except ClusterUnavailable as why:
+        if os.environ.get("MINORSFT_REQUIRE_SLURM") == "1":
+            pytest.fail(f"no Slurm cluster here, and MINORSFT_REQUIRE_SLURM=1: {why}")
         pytest.skip(f"no Slurm cluster here: {why}")
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 def submit(cluster, tmp_path, config, *overrides, nodes, procs, sbatch=()):
@@ -66,7 +73,7 @@ def test_a_bad_config_is_one_line_in_the_job_log_before_any_srun(cluster, tmp_pa
     assert cluster.wait_job(job, 120) == "FAILED"
     lines = log.read_text().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "global_batch_size" in lines[0], lines
-    assert cluster.run("scontrol", "show", "step", f"{job}.0").returncode != 0  # no srun step was ever made
+    assert not cluster.step_launched(job)
     assert not (tmp_path / "out").exists()
 
 
@@ -115,22 +122,21 @@ def test_a_rank_killed_on_one_node_ends_the_job_and_the_requeued_job_resumes(clu
     assert all(any(k in e for k in known) for e in errors) and "Traceback" not in failed_log, failed_log[-3000:]
     latest = (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip()
     assert latest in ("2", "4") and (out / "checkpoints" / f"iter_{int(latest):07d}").is_dir()
-    assert cluster.run("scontrol", "requeue", job).returncode == 0
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # Slurm holds a requeued job for 121 s
+    assert cluster.run("scontrol", "requeue", job).returncode == 0  # held cred_expire + 1 = 11 s, then run
     assert cluster.wait_job(job, 300) == "COMPLETED", log.read_text()[-3000:]
     assert re.search(rf"resum\w* .*iter_{int(latest):07d}", log.read_text()), log.read_text()[-3000:]
     assert metrics(out) == metrics(tmp_path / "straight")
 
 
 def test_a_short_time_limit_signals_first_and_the_job_saves_and_exits_0(cluster, tmp_path, data_prefix):
-    """--time=1 with --signal=USR1@15: Slurm signals the job step's tasks (the launchers, which hand it on to the
-    ranks) 15 to 45 s before the limit (it checks every 30 s); every rank saves at its next step, and the job
-    completes before the limit."""
+    """--time=2 with --signal=USR1@50: Slurm signals every process of the job step (the agents hand it on too)
+    about 50 s before the limit (it checks every 30 s; its documentation allows up to 60 s early; here it came 47 to 75 s
+    before); every rank saves at its next step, and the job completes (exit 0) before the limit."""
     config = tiny_config(tmp_path, data_prefix)
     out = tmp_path / "limited"
     job, log = submit(cluster, tmp_path, config, "train_steps=100000", "data.epochs=1000", "parallel.tp=2",
-                      f"output_dir={out}", nodes=2, procs=1, sbatch=("--time=1", "--signal=USR1@15"))
-    assert cluster.wait_job(job, 150) == "COMPLETED", log.read_text()[-3000:]
+                      f"output_dir={out}", nodes=2, procs=1, sbatch=("--time=2", "--signal=USR1@50"))
+    assert cluster.wait_job(job, 200) == "COMPLETED", log.read_text()[-3000:]
     stopped = [line for line in log.read_text().splitlines() if line.startswith("stopped on")]
     k = metrics(out)[-1]["iteration"]
     assert stopped == [f"stopped on SIGUSR1 at iteration {k}: checkpoint {out}/checkpoints/iter_{k:07d} saved; "

@@ -61,9 +61,14 @@ def test_a_signal_before_the_ranks_are_up_waits_for_them(tmp_path, data_prefix):
     out = tmp_path / "early"
     launcher = subprocess.Popen(command(config, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
-    time.sleep(0.5)
-    launcher.send_signal(signal.SIGUSR1)
-    stdout, stderr = launcher.communicate(timeout=240)
+    try:
+        time.sleep(0.5)
+        launcher.send_signal(signal.SIGUSR1)
+        stdout, stderr = launcher.communicate(timeout=240)
+    finally:  # a hung run is not left training
+        if launcher.returncode is None:
+            launcher.kill()
+            launcher.communicate()
     assert launcher.returncode == 0, (stdout[-2000:], stderr[-2000:])
     assert [line for line in stdout.splitlines() if line.startswith("stopped on")] == [
         f"stopped on SIGUSR1 at iteration 1: checkpoint {out}/checkpoints/iter_0000001 saved; the same command "

@@ -48,15 +48,20 @@ def test_one_agent_killed_the_other_stops_in_bounded_time_with_one_line(tmp_path
     out, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
     survivor, victim = [agent(config, out, "train_steps=100000", "data.epochs=1000", nnodes=2, nproc=1,
                               endpoint=endpoint) for _ in range(2)]
-    deadline = time.monotonic() + 180
-    while not (os.path.exists(out / "metrics.jsonl") and (out / "metrics.jsonl").read_text().strip()):
-        assert time.monotonic() < deadline and survivor.poll() is None and victim.poll() is None
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)  # the agent and, with it (die_with_launcher), its rank
-    killed = time.monotonic()
-    code, _, stderr = finish(survivor, timeout=LOST_BOUND_S + 60)
-    seconds = time.monotonic() - killed
-    finish(victim)
+    try:
+        deadline = time.monotonic() + 180
+        while not (os.path.exists(out / "metrics.jsonl") and (out / "metrics.jsonl").read_text().strip()):
+            assert time.monotonic() < deadline and survivor.poll() is None and victim.poll() is None
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)  # the agent and, with it (die_with_launcher), its rank
+        killed = time.monotonic()
+        code, _, stderr = finish(survivor, timeout=LOST_BOUND_S + 60)
+        seconds = time.monotonic() - killed
+    finally:  # a failed check leaves no agent training on
+        for proc in (survivor, victim):
+            if proc.returncode is None:
+                proc.kill()
+                proc.communicate()
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert code == 3 and seconds < LOST_BOUND_S and "Traceback" not in stderr, (code, seconds, stderr[-3000:])
     # its rank lost its peer and/or (where the victim held the rendezvous store) the agent lost the store: one
