@@ -130,8 +130,8 @@ def test_a_rank_killed_on_one_node_ends_the_job_and_the_requeued_job_resumes(clu
 
 def test_a_short_time_limit_signals_first_and_the_job_saves_and_exits_0(cluster, tmp_path, data_prefix):
     """--time=2 with --signal=USR1@50: Slurm signals every process of the job step (the agents hand it on too)
-    about 50 s before the limit (it checks every 30 s; its documentation allows up to 60 s early; here it came 47 to 75 s
-    before); every rank saves at its next step, and the job completes (exit 0) before the limit."""
+    about 50 s before the limit (it checks every 30 s; its documentation allows up to 60 s early; here it came 47
+    to 75 s before); every rank saves at its next step, and the job completes (exit 0) before the limit."""
     config = tiny_config(tmp_path, data_prefix)
     out = tmp_path / "limited"
     job, log = submit(cluster, tmp_path, config, "train_steps=100000", "data.epochs=1000", "parallel.tp=2",
