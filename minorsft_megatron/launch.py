@@ -89,7 +89,7 @@ class StopForwarder:
     def uninstall(self) -> None:
         """The handlers this process had before, back; a signal that came meanwhile is raised again."""
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: one not set from Python
         if self.signum:
             os.kill(os.getpid(), self.signum)
 
