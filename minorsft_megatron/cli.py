@@ -46,7 +46,7 @@ def set_single_process_defaults() -> None:
 def run_main(job) -> int:
     """Run `job()` as a command: a user error (errors.UserError) is one line on stderr from rank 0 and exit status
     2; Ctrl-C is one line and status 130; a collective that lost its peer (another process or node died) is one
-line from each rank that saw it and status 3. Under torchrun, this rank dies with its launcher."""
+    line from each rank that saw it and status 3. Under torchrun, this rank dies with its launcher."""
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")

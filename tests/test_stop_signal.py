@@ -55,8 +55,8 @@ def test_a_signal_saves_at_the_next_step_and_resumes_bit_for_bit(tmp_path, data_
 
 def test_a_signal_before_the_ranks_are_up_waits_for_them(tmp_path, data_prefix):
     """SIGUSR1 to the agent half a second after it starts, while it checks the config and the ranks import (the
-    default action would kill them): the agent hands it on once each rank catches it, and the run stops at the
-    first step boundary with a checkpoint, exit 0."""
+    default action would kill them): the ranks start with it blocked, so it waits pending until their stop
+    handler is installed, and the run stops at the first step boundary with a checkpoint, exit 0."""
     config = tiny_config(tmp_path, data_prefix)
     out = tmp_path / "early"
     launcher = subprocess.Popen(command(config, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
