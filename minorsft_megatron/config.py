@@ -746,9 +746,10 @@ def _validate_lora(c: TrainConfig, source: str) -> None:
     smallest = min(min(_linear_shape(m, s)) for s in adapted)
     _require(lo.rank <= smallest, source, "lora.rank",
              f"{lo.rank} is larger than the model's smallest adapted dimension ({smallest})")
-    _require(not any(s.block == "mlp.experts" for s in adapted) or (c.parallel.etp or c.parallel.tp) == 1, source,
-             "parallel.etp", "must be 1 with adapters on the routed experts (each expert's adapters are whole; "
-             "expert tensor parallelism for them is not built)")
+    etp = c.parallel.etp or c.parallel.tp
+    _require(not any(s.block == "mlp.experts" for s in adapted) or etp in (1, c.parallel.tp), source,
+             "parallel.etp", f"{etp} must be 1 or parallel.tp ({c.parallel.tp}) with adapters on the routed experts "
+             "(megatron-core reduces their replicated gradients over the TP group)")
     _require(c.precision.fp8 is None, source, "precision.fp8",
              "LoRA with FP8 is not built (the adapters would need FP8 weights)")
 

@@ -7,7 +7,7 @@ one: the fused `linear_qkv` holds three (q_proj, k_proj, v_proj), a gated `linea
 PEFT adapts transformers' fused expert tensor). They are children (`lora`) of the base linear, whose own parameters
 keep their names, and a forward hook adds their output. Mixture-of-experts layers: the shared experts' linears are
 laid out as a dense MLP's; each routed expert (SequentialMLP) has its own adapters, on the EP rank that holds it,
-at expert tensor parallelism 1 (the dispatcher brings its tokens; no collective of its own).
+split over expert tensor parallelism (ETP) as its linears are (below).
 
 Layout (TP group size t):
 - column-parallel base (output split over TP): A replicated, B split as the base's output rows. h = A x is one
@@ -22,6 +22,14 @@ Layout (TP group size t):
 Each adapter set costs one collective of `parts x rank` features beside the base's own (of `out` features). Every
 adapter's gradient is reduced over data parallelism as its base weight's would be (a routed expert's under EP over
 the expert data-parallel group).
+
+Routed experts (ETP group size t, ETP 1 or ETP = TP): the dispatcher does their communication, for the adapters as
+for the base (`explicit_expert_comm`): its gather over ETP hands every ETP rank the expert's whole tokens, and its
+combine sums the ranks' partial outputs (a reduce-scatter over ETP). An expert's adapters therefore run without a
+collective of their own, laid out as above (a gated fc1's one gate_up_proj B holding this rank's gate rows, then its
+up rows, as the base's weight does). The replicated tensor's gradient (a column base's A, a row base's B) is then
+partial over the ETP ranks; it is marked `sequence_parallel` (t > 1 needs SP: an MoE layer at TP > 1 has it), so
+finalize_model_grads all-reduces it over TP, which is the ETP group where ETP = TP.
 
 `adapters_disabled(model)` switches every adapter off: the model is then the base exactly (reference.mode: base).
 """
@@ -129,9 +137,11 @@ class AdapterSet(torch.nn.Module):
         self.column = site.column
         self.tp_group = linear.tp_group
         # a routed expert's linear takes its tokens from the dispatcher, which does the experts' communication
-        self.sp = config.sequence_parallel and not getattr(linear, "explicit_expert_comm", False)
-        if getattr(linear, "explicit_expert_comm", False) and self.tp_group.size() > 1:
-            raise ValueError("LoRA on routed experts needs expert tensor parallelism 1 (parallel.etp: 1)")
+        self.expert_comm = getattr(linear, "explicit_expert_comm", False)
+        self.sp = config.sequence_parallel and not self.expert_comm
+        if self.expert_comm and self.tp_group.size() > 1:
+            _check_etp_is_tp(self.tp_group, config)
+        self.gated_rows = site.block == "mlp.experts" and full_shapes(site, config).keys() == {"gate_up_proj"}
         self.groups_local = config.num_query_groups // self.tp_group.size()
         self.enabled = True
         t, r = self.tp_group.size(), self.tp_group.rank()
@@ -164,7 +174,8 @@ class AdapterSet(torch.nn.Module):
             elif self.site.block == "mlp.experts":  # its own on this rank whatever the dense TP rank: counted by
                 for param in (split, replicated):  # the gradient norm on every TP rank, as megatron-core marks
                     set_tensor_model_parallel_attributes(param, True, 0, 1)  # its expert weights
-            replicated.sequence_parallel = self.sp
+            # partial over the sequence shards, or over the ETP ranks (a routed expert's): all-reduced over TP
+            replicated.sequence_parallel = self.sp or (self.expert_comm and self.tp_group.size() > 1)
 
     def tp_axes(self) -> dict[str, int]:
         """{parameter name: TP-split axis} for the dist checkpoint (replicated ones absent)."""
@@ -181,7 +192,9 @@ class AdapterSet(torch.nn.Module):
                                for a_part in a.split(self.rank)], dim=-1)
         else:
             h = torch.matmul(x, a.t().to(x.dtype))  # [s(/t), b, parts * r]
-        if self.column:
+        if self.expert_comm:
+            pass  # the dispatcher's gather and combine over ETP serve the adapters as they serve the base
+        elif self.column:
             h = tp.gather_from_sequence_parallel_region(h, True, self.tp_group) if self.sp else \
                 tp.copy_to_tensor_model_parallel_region(h, self.tp_group)
         else:
@@ -192,13 +205,14 @@ class AdapterSet(torch.nn.Module):
         return self.scale * self._assemble(outs)
 
     def _dropout_generator(self):
-        """Where the input is the same on every TP rank (a column-parallel base without SP) the default generator,
-        the same on every TP rank: one mask for the whole linear. Where it is split (a row-parallel base's input,
-        sequence shards, a routed expert's tokens) the model-parallel tracker's, different on each TP rank, as
-        megatron-core forks it for split activations."""
+        """Where the input is the same on every TP rank (a column-parallel base without SP; a routed expert's at
+        ETP = TP > 1, whose ETP ranks hold the same tokens) the default generator, the same on every TP rank: one
+        mask for the whole linear. Where it is split (a row-parallel base's input, sequence shards, a routed
+        expert's tokens at ETP 1, different on each TP rank) the model-parallel tracker's, different on each TP
+        rank, as megatron-core forks it for split activations."""
         from megatron.core import tensor_parallel
 
-        if self.column and not self.sp and self.site.expert is None:
+        if self.column and not self.sp and (self.site.expert is None or self.tp_group.size() > 1):
             return contextlib.nullcontext()
         return tensor_parallel.get_cuda_rng_tracker().fork()
 
@@ -208,9 +222,24 @@ class AdapterSet(torch.nn.Module):
     def load_full(self, part: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Set `part` from its full (TP = 1) A [rank, in] and B [out, rank]."""
         t, r = self.tp_group.size(), self.tp_group.rank()
+        if self.column:  # a routed expert's gated fc1: this rank's gate rows, then its up rows
+            b = torch.cat([half.chunk(t, dim=0)[r] for half in (b.chunk(2) if self.gated_rows else [b])])
+        else:
+            a = a.chunk(t, dim=1)[r]
         with torch.no_grad():
-            getattr(self, f"{part}_a").copy_(a if self.column else a.chunk(t, dim=1)[r])
-            getattr(self, f"{part}_b").copy_(b.chunk(t, dim=0)[r] if self.column else b)
+            getattr(self, f"{part}_a").copy_(a)
+            getattr(self, f"{part}_b").copy_(b)
+
+
+def _check_etp_is_tp(etp_group, config) -> None:
+    """A routed expert's adapters at ETP > 1 need the ETP group to be the TP group (ETP = TP): megatron-core reduces
+    their replicated gradients over TP (finalize_model_grads) and counts them in the gradient norm on TP rank 0."""
+    from megatron.core import parallel_state
+
+    dense = parallel_state.get_tensor_model_parallel_group()
+    same = torch.distributed.get_process_group_ranks(etp_group) == torch.distributed.get_process_group_ranks(dense)
+    if not (same and config.sequence_parallel):
+        raise ValueError("LoRA on routed experts needs expert tensor parallelism 1 or equal to TP, with SP")
 
 
 def assemble(target: str, outs: list[torch.Tensor], groups: int, dim: int) -> torch.Tensor:
@@ -278,9 +307,23 @@ def _sharded_state_dict_with_adapters(self, prefix: str = "", sharded_offsets: t
     state = type(self).sharded_state_dict(self, prefix, sharded_offsets, metadata)
     adapters = self.lora.state_dict(prefix="lora.", keep_vars=True)
     axes = {f"lora.{k}": v for k, v in self.lora.tp_axes().items()}
-    state.update(make_sharded_tensors_for_checkpoint(adapters, prefix, axes, sharded_offsets, tp_group=self.tp_group,
-                                                     dp_cp_group=metadata["dp_cp_group"]))
+    sharded = make_sharded_tensors_for_checkpoint(adapters, prefix, axes, sharded_offsets, tp_group=self.tp_group,
+                                                  dp_cp_group=metadata["dp_cp_group"])
+    if self.lora.gated_rows:  # [gate rows; up rows] of this rank: stored as megatron-core stores a gated fc1
+        key = f"{prefix}lora.gate_up_proj_b"
+        sharded[key] = _gated_rows_factory(sharded[key], sharded_offsets, metadata)
+    state.update(sharded)
     return state
+
+
+def _gated_rows_factory(sharded_tensor, sharded_offsets, metadata):
+    """megatron-core's SwiGLU factory (its gated fc1 weight's): the gate and up halves stored as two TP-split
+    tensors, so that the global tensor is [gate; up] whatever the ETP (0.16 and 0.19 take these arguments alike;
+    0.19's extra groups serve FSDP2 parameters only)."""
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    return apply_swiglu_sharded_factory(sharded_tensor, sharded_offsets,
+                                        (metadata or {}).get("singleton_local_shards", False))
 
 
 def initial_a(seed: int, layer: int, target: str, part: str, rank: int, in_features: int) -> torch.Tensor:

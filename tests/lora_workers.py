@@ -10,7 +10,7 @@ import torch
 
 def lora_step(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, adapters, rank, alpha, micro_batch_size,
               distributed_optimizer=False, steps=4, dropout=0.0):
-    """`layout`: (tp, pp) or (tp, pp, ep) (expert tensor parallelism 1); `adapters`: {Hugging Face module name
+    """`layout`: (tp, pp), (tp, pp, ep) (expert tensor parallelism 1) or (tp, pp, ep, etp); `adapters`: {Hugging Face module name
     (a routed expert's model.layers.N.mlp.experts.E.<part>): (A [rank, in], B [out, rank])} full tensors. An MoE
     model's auxiliary losses are off. Returns {"logp_sum": [n] or None, "grads": {(module, "a" or "b"): local
     gradient}, "grad_norm": float, "tp": (size, rank), "base_unchanged": bool}; with `dropout` (lora.dropout), also
@@ -30,7 +30,7 @@ def lora_step(ckpt, layout, tokens, prompt_lengths, ref_logp_sum, adapters, rank
     from tests.moe_workers import answer_mask
 
     tp, pp, ep = (*layout, 1)[:3]
-    etp = 1 if ep > 1 or tp > 1 else None
+    etp = layout[3] if len(layout) > 3 else 1 if ep > 1 or tp > 1 else None
     device = setup_device("cpu")
     pgs = parallel.initialize(device, tp=tp, pp=pp, ep=ep, etp=etp)
     state = checkpoint.read_state(ckpt)

@@ -2,8 +2,8 @@
 experts, top 2, and a gated shared expert in every layer) with adapters on attention, the shared expert
 (target_modules) and every routed expert (PEFT's target_parameters on transformers' fused expert tensors). The
 per-sample answer log-prob sums and every adapter's gradient of one MinorSFT step at (TP, PP, EP) = (1,1,1) with DP 2
-and the distributed optimizer, (1,1,2), and (2,1,2) with SP and expert TP 1; then training with reference.mode base
-at EP 2 and both exports in transformers against our `score`."""
+and the distributed optimizer, (1,1,2), (2,1,2) with SP and expert TP 1, and (2,1,1) with SP and expert TP 2; then
+training with reference.mode base at EP 2 and at ETP 2, and both exports in transformers against our `score`."""
 
 import subprocess
 import sys
@@ -69,7 +69,16 @@ def per_expert(model) -> dict:
     return found
 
 
-@pytest.mark.parametrize("layout", [(1, 1, 1), (1, 1, 2), (2, 1, 2)])  # (tp, pp, ep) on 2 processes
+def expert_slice(full: torch.Tensor, key, tp: tuple[int, int]) -> torch.Tensor:
+    """The part of a routed expert's full adapter tensor an ETP rank holds: a gated fc1's B [2F, r] this rank's
+    gate rows, then its up rows (as megatron-core splits the gated weight)."""
+    column = key[0].endswith(".gate_up_proj")
+    if column and key[1] == "b":
+        return torch.cat([half.chunk(tp[0])[tp[1]] for half in full.chunk(2)])
+    return local_slice(full, key, column, tp)
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1), (1, 1, 2), (2, 1, 2), (2, 1, 1, 2)])  # (tp, pp, ep[, etp]), 2 processes
 def test_moe_adapters_match_peft(base, tmp_path, layout):
     """Log-prob sums, every adapter's gradient (routed experts' on the EP rank holding them) and the gradient norm
     of step 1; the base (routers and experts included) bit-identical after 4 steps."""
@@ -89,8 +98,9 @@ def test_moe_adapters_match_peft(base, tmp_path, layout):
     seen = set()
     for r in ranks:
         for key, got in r["grads"].items():
-            expert = ".mlp.experts." in key[0]
-            want = want_grads[key] if expert else local_slice(want_grads[key], key, key in r["column"], r["tp"])
+            etp = (1, 0) if len(layout) < 4 else r["tp"]  # expert TP = TP here
+            want = expert_slice(want_grads[key], key, etp) if ".mlp.experts." in key[0] else \
+                local_slice(want_grads[key], key, key in r["column"], r["tp"])
             err = float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))  # an expert
             assert err <= 1e-5, (key, err)  # no token reached has a zero gradient, here as there
             seen.add(key)
@@ -102,9 +112,11 @@ def test_moe_adapters_match_peft(base, tmp_path, layout):
 
 
 def test_moe_training_with_the_base_as_reference(tmp_path, data_prefix):
-    """From a converted Qwen2-MoE at EP 2 with the auxiliary loss on: step-1 weights exactly 1 and m_theta 0 with
-    reference.mode base, the same losses as a co-located reference of the base; the merged export and the PEFT
-    adapter in transformers give our `score`'s log-probs."""
+    """From a converted Qwen2-MoE with the auxiliary loss on, the distributed optimizer: at EP 2, step-1 weights
+    exactly 1 and m_theta 0 with reference.mode base, the same losses as a co-located reference of the base; at TP 2
+    with expert TP 2 the same losses again, its step-2 checkpoint's merged export and PEFT adapter in transformers
+    give our `score`'s log-probs, and resumed at EP 2 (the adapters and their Adam state resharded) it goes on with
+    the EP 2 run's losses."""
     import yaml
 
     from tests.test_lora import exports_match_score
@@ -116,18 +128,28 @@ def test_moe_training_with_the_base_as_reference(tmp_path, data_prefix):
     settings = yaml.safe_load(open(config))
     del settings["model"]  # the checkpoint's
     open(config, "w").write(yaml.safe_dump(settings))
-    common = ["--config", config, f"checkpoint.init={tmp_path / 'init'}", "train_steps=3", "model.spec=local",
-              "parallel.ep=2", "parallel.etp=1", "lora.rank=4", "lora.alpha=8", "model.moe_aux_loss_coeff=0.01"]
-    spawn(2, run_commands, [("train", common + [f"output_dir={tmp_path / 'base'}"]),
-                            ("train", common + [f"output_dir={tmp_path / 'colocated'}", "reference.mode=colocated"])],
-          out_dir=tmp_path / "job", timeout=400)
-    base, colocated = metrics(tmp_path / "base"), metrics(tmp_path / "colocated")
+    common = ["--config", config, f"checkpoint.init={tmp_path / 'init'}", "train_steps=4", "model.spec=local",
+              "optimizer.distributed=true", "lora.rank=4", "lora.alpha=8", "model.moe_aux_loss_coeff=0.01"]
+    ep2 = ["parallel.ep=2", "parallel.etp=1"]
+    halves = common + [f"output_dir={tmp_path / 'halves'}", "checkpoint.optimizer_sharding=fully_reshardable"]
+    spawn(2, run_commands, [("train", common + ep2 + [f"output_dir={tmp_path / 'base'}"]),
+                            ("train", common + ep2 + [f"output_dir={tmp_path / 'colocated'}", "reference.mode=colocated"]),
+                            ("train", halves + ["parallel.tp=2", "parallel.sp=true", "parallel.etp=2",
+                                                "stop_at_step=2"])],
+          out_dir=tmp_path / "job", timeout=500)
+    base, colocated, etp2 = (metrics(tmp_path / run) for run in ("base", "colocated", "halves"))
     assert base[0]["weight_min"] == base[0]["weight_max"] == 1.0 and base[0]["m_theta"] == 0.0
     assert base[-1]["m_theta"] != 0.0 and base[-1]["loss"] < base[0]["loss"]
     for a, b in zip(base, colocated):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(b["loss"]) and abs(a["m_theta"] - b["m_theta"]) <= 1e-6
-    exports_match_score(tmp_path, hf, tmp_path / "base" / "checkpoints", data_prefix, experts_implementation="eager")
+    assert len(etp2) == 2 and etp2[1]["m_theta"] != 0.0
+    exports_match_score(tmp_path, hf, tmp_path / "halves" / "checkpoints", data_prefix, experts_implementation="eager")
     peft_loads_the_expert_adapters(tmp_path / "peft", hf)
+    spawn(2, run_commands, [("train", halves + ep2)], out_dir=tmp_path / "resume_job", timeout=300)
+    resumed = metrics(tmp_path / "halves")  # steps 1-2 at TP 2 and ETP 2, steps 3-4 at EP 2
+    assert len(resumed) == 4
+    for a, b in zip(resumed, base):  # another layout: fp32 sums in another order
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]) and abs(a["m_theta"] - b["m_theta"]) <= 1e-5
 
 
 def peft_loads_the_expert_adapters(adapter_dir, hf):
@@ -149,8 +171,8 @@ def peft_loads_the_expert_adapters(adapter_dir, hf):
 @pytest.mark.parametrize("overrides,message", [
     (["lora.target_modules=[experts.linear_fc1]"],
      r"lora.target_modules\[0\]: 'experts.linear_fc1': the model has no such linear"),
-    (["model.num_experts=4", "parallel.tp=2", "parallel.sp=true", "parallel.etp=2"],
-     r"parallel.etp: must be 1 with adapters on the routed experts"),
+    (["model.num_experts=4", "parallel.etp=2"],
+     r"parallel.etp: 2 must be 1 or parallel.tp \(1\) with adapters on the routed experts"),
     (["model.num_experts=4", "model.moe_ffn_hidden_size=2", "lora.target_modules=[experts.linear_fc2]"],
      r"lora.rank: 4 is larger than the model's smallest adapted dimension \(2\)"),
 ])
