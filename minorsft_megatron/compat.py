@@ -7,9 +7,11 @@ Supported and tested: megatron-core 0.16 (from 0.16.1) and 0.19. 0.17 and 0.18 a
 
 megatron-core's DistributedOptimizer on torch's Adam (no Apex and no Transformer Engine: every CPU run, and GPUs
 without them; with TE its FusedAdam keeps the step in param_groups and none of this applies) cannot resume:
-1. It builds the sharded state dict it loads into by calling `state_dict()`, which reads every parameter's Adam
-   `step` (`assert len(steps) == 1`); torch creates that state only when it steps, so a checkpoint cannot be
-   loaded before the first step. -> allocate the state as a first step would (zeros, step 0).
+1. It builds the sharded state dict it saves, or loads into, by calling `state_dict()`, which reads every
+   parameter's Adam `step` (`assert len(steps) == 1`); torch creates that state only when it steps, so a
+   checkpoint can be neither loaded before the first step nor saved before it (an fp16 run whose first steps
+   overflow and are skipped, saving at an interval or on a stop signal). -> allocate the state a first step would
+   find (zeros, step 0: torch's Adam then steps exactly as from no state).
 2. `load_state_dict` restores the step into one tensor shared by every parameter (torch's Adam then increments
    it once per parameter), and the dp_reshardable loader copies the pre-load step over it (`step` is a
    LocalNonpersistentObject in `sharded_param_state_dp_reshardable`): the next step's bias correction is wrong.
@@ -110,7 +112,7 @@ def _allocating_adam_state(sharded_state_dict):
     @functools.wraps(sharded_state_dict)
     def wrapped(self, model_sharded_state_dict=None, is_loading=False, *args, **kwargs):
         adam = _torch_adam(self)
-        if is_loading and adam is not None and not adam.state:
+        if adam is not None and not adam.state:
             for group in adam.param_groups:
                 for param in group["params"]:
                     adam.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),

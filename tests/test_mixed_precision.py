@@ -82,6 +82,28 @@ def test_fp16_scales_the_loss_and_skips_overflowing_steps(tmp_path, start):
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
+def test_fp16_saves_and_resumes_before_the_first_real_step(tmp_path, start):
+    """fp16 with the distributed optimizer, step 1 made to overflow (skipped): the step-1 checkpoint is saved before
+    torch's Adam has any state (megatron-core's state_dict asserted on its missing `step`), and the run resumed from
+    it goes on bit for bit with the straight run."""
+    config, init, _ = start
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+
+    def args(out, *extra):
+        return ["--config", config, f"checkpoint.init={init}", "train_steps=3", f"output_dir={out}",
+                "precision.dtype=fp16", "reference.precision=fp16", "precision.initial_loss_scale=1024",
+                "optimizer.distributed=true", *extra]
+
+    spawn(2, run_commands, [("train", args(straight))], None, {1}, out_dir=tmp_path / "job", timeout=300)
+    spawn(2, run_commands, [("train", args(halves, "stop_at_step=1"))], None, {1}, out_dir=tmp_path / "stop",
+          timeout=300)
+    assert os.path.isdir(halves / "checkpoints" / "iter_0000001")
+    spawn(2, run_commands, [("train", args(halves))], out_dir=tmp_path / "resume", timeout=300)
+    rows = metrics(straight)
+    assert [r["skipped"] for r in rows] == [True, False, False]
+    assert metrics(halves) == rows
+
+
 def test_distributed_optimizer_resumes_bitwise_and_under_another_dp_size(tmp_path, start):
     """Stop at step 2 and resume: bit for bit at the same layout (DP = 2); from the same checkpoint in one
     process (DP = 1, dp_reshardable state resharded) within bf16 tolerance of the straight run."""
