@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from minorsft_megatron import parallel
 from minorsft_megatron.compat import check_megatron_version
-from minorsft_megatron.errors import LOST_PEER_EXIT, UserError, lost_peer
+from minorsft_megatron.errors import LOST_PEER_EXIT, SEE_FIRST_FAILURE, UserError, lost_peer
 from minorsft_megatron.lifetime import die_with_parent
 
 
@@ -68,7 +68,7 @@ def run_main(job) -> int:
         if gist is None:
             raise
         print(f"error: rank {os.environ['RANK']} lost another rank of the job ({gist}): a process or node died; "
-              "the first failure in the job's logs says why", file=sys.stderr)
+              f"{SEE_FIRST_FAILURE}", file=sys.stderr)
         return LOST_PEER_EXIT
     finally:
         if dist.is_initialized():

@@ -8,6 +8,8 @@ class UserError(ValueError):
 
 
 LOST_PEER_EXIT = 3  # the exit status of a rank whose collective lost a peer: another process or node died
+SEE_FIRST_FAILURE = "the first failure in the job's logs says why"
+"""How a lost-peer line ends: the process that died first reported the cause (or was killed, and its agent said so)."""
 _LOST_PEER_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
                       "NCCL communicator was aborted", "ProcessGroupNCCL's watchdog got stuck")
 
@@ -17,7 +19,8 @@ def lost_peer(err: BaseException) -> str | None:
     communicator), else None: what a rank reports in one line when another process or node of the job died."""
     import re
 
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    message = str(err).strip()
+    text = message.splitlines()[0] if message else ""
     if not any(marker in text for marker in _LOST_PEER_MARKERS):
         return None
     text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's [source file:line] prefix

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from minorsft_megatron.errors import LOST_PEER_EXIT
+from minorsft_megatron.errors import LOST_PEER_EXIT, SEE_FIRST_FAILURE
 
 USER_ERROR, INTERRUPTED = 2, 130
 QUIET_EXIT_CODES = {USER_ERROR, INTERRUPTED, -2, LOST_PEER_EXIT}  # -2: killed by SIGINT; each has its one line
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         raise
     except RendezvousConnectionError:  # the agent holding the store (on the first node, or the first up) is gone
         print(f"error: lost the rendezvous store {args.rdzv_endpoint}: the agent holding it died, with its process "
-              "or node; the first failure in the job's logs says why", file=sys.stderr)
+              f"or node; {SEE_FIRST_FAILURE}", file=sys.stderr)
         return LOST_PEER_EXIT
     except (SignalException, KeyboardInterrupt):
         return INTERRUPTED

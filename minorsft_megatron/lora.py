@@ -205,16 +205,20 @@ class AdapterSet(torch.nn.Module):
         return self.scale * self._assemble(outs)
 
     def _dropout_generator(self):
-        """Where the input is the same on every TP rank (a column-parallel base without SP; a routed expert's at
-        ETP = TP > 1, whose ETP ranks hold the same tokens) the default generator, the same on every TP rank: one
-        mask for the whole linear. Where it is split (a row-parallel base's input, sequence shards, a routed
-        expert's tokens at ETP 1, different on each TP rank) the model-parallel tracker's, different on each TP
-        rank, as megatron-core forks it for split activations."""
+        """Where the input is the same on every TP rank (a column-parallel base without SP) the mask is too: the
+        default generator, the same on every TP rank, or for a routed expert at ETP = TP > 1 (its ETP ranks hold
+        the same tokens) megatron-core's data-parallel tracker, seeded alike on every rank (inside the experts the
+        default generator is megatron-core's expert-parallel one, seeded per ETP rank). Where it is split (a
+        row-parallel base's input, sequence shards, a routed expert's tokens at ETP 1) the model-parallel tracker's,
+        different on each TP rank, as megatron-core forks it for split activations."""
         from megatron.core import tensor_parallel
 
-        if self.column and not self.sp and (self.site.expert is None or self.tp_group.size() > 1):
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        if self.column and not self.sp and self.site.expert is None:
             return contextlib.nullcontext()
-        return tensor_parallel.get_cuda_rng_tracker().fork()
+        if self.column and self.expert_comm and self.tp_group.size() > 1:
+            return tracker.fork(tensor_parallel.random.get_data_parallel_rng_tracker_name())
+        return tracker.fork()
 
     def _assemble(self, outs: list[torch.Tensor]) -> torch.Tensor:
         return assemble(self.target, outs, self.groups_local, dim=-1)

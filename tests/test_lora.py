@@ -155,8 +155,8 @@ def test_dropout_masks_match_peft(base, tmp_path):
 
 def test_training_with_the_base_as_reference(tmp_path, data_prefix):
     """fp32, DP 2 with the distributed optimizer, from a converted Llama: reference.mode base gives step-1 weights
-    exactly 1 and m_theta 0 and the same losses over 4 steps as a co-located reference holding the base's weights;
-    only the adapters train."""
+    exactly 1 and m_theta 0 and the same losses over 4 steps as a co-located reference holding the base's weights,
+    packed rows too; only the adapters train."""
     import yaml
 
     from tests.train_workers import metrics, run_commands, tiny_config
@@ -181,7 +181,8 @@ def test_training_with_the_base_as_reference(tmp_path, data_prefix):
                             ("train", common + [f"output_dir={tmp_path / 'fp16'}", "precision.dtype=fp16",
                                                 "precision.initial_loss_scale=1024", "train_steps=2"]),
                             ("train", common + [f"output_dir={tmp_path / 'dropout'}", "lora.dropout=0.1",
-                                                "parallel.tp=2", "parallel.sp=true", "train_steps=2"])],
+                                                "parallel.tp=2", "parallel.sp=true", "train_steps=2"]),
+                            ("train", common + [f"output_dir={tmp_path / 'packed'}", "data.packing=true"])],
           out_dir=tmp_path / "job", timeout=400)
     base, colocated = metrics(tmp_path / "base"), metrics(tmp_path / "colocated")
     bf16 = metrics(tmp_path / "bf16")  # bf16 weights, fp32 main weights: the base reference is still exact
@@ -200,6 +201,10 @@ def test_training_with_the_base_as_reference(tmp_path, data_prefix):
     assert base[-1]["m_theta"] != 0.0 and base[-1]["loss"] < base[0]["loss"]
     for a, b in zip(base, colocated):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(b["loss"]) and abs(a["m_theta"] - b["m_theta"]) <= 1e-6
+    packed = metrics(tmp_path / "packed")  # packed rows (block-diagonal mask), the base reference packed alike
+    assert packed[0]["weight_min"] == packed[0]["weight_max"] == 1.0 and packed[0]["m_theta"] == 0.0
+    for a, b in zip(packed, base):  # the expectation is over sequences whatever the packing: fp32 sums reordered
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]) and abs(a["m_theta"] - b["m_theta"]) <= 1e-5
     exports_match_score(tmp_path, hf, tmp_path / "base" / "checkpoints", data_prefix)
     greedy_matches_the_merged_export(tmp_path, tmp_path / "base" / "checkpoints")
     adapters_only(tmp_path / "base" / "checkpoints", tmp_path / "init", hf,

@@ -111,6 +111,23 @@ def test_moe_adapters_match_peft(base, tmp_path, layout):
         assert abs(r["grad_norm"] - want_norm) <= 1e-5 * want_norm and r["base_unchanged"]
 
 
+def test_expert_dropout_masks_at_expert_tp_2(base, tmp_path):
+    """lora.dropout at TP 2 + SP with expert TP 2: a routed expert's gated fc1 input (its whole tokens, the same on
+    both ETP ranks) gets the same mask on both, its fc2 input (split over ETP) its own on each."""
+    hf, ckpt = base
+    tokens, ref_logp_sum = step_inputs()
+    adapters = per_expert(peft_moe_model(hf))
+    full = full_adapters({key: take(param) for key, (param, take) in adapters.items()})
+    ranks = spawn(2, lora_step, ckpt, (2, 1, 1, 2), tokens, PROMPTS, ref_logp_sum, full, RANK, ALPHA, 4, False, 1, 0.3,
+                  out_dir=tmp_path / "job", timeout=400)
+    first, second = (r["masks"] for r in ranks)
+    experts = [name for name in first if ".mlp.experts." in name]
+    assert len(experts) == 2 * 2 * NUM_EXPERTS and set(experts) <= set(second)
+    for name in (n for n in experts if first[n].numel()):  # an expert no token reached draws nothing
+        same = first[name].shape == second[name].shape and torch.equal(first[name], second[name])
+        assert same == name.endswith(".gate_up_proj"), name
+
+
 def test_moe_training_with_the_base_as_reference(tmp_path, data_prefix):
     """From a converted Qwen2-MoE with the auxiliary loss on, the distributed optimizer: at EP 2, step-1 weights
     exactly 1 and m_theta 0 with reference.mode base, the same losses as a co-located reference of the base; at TP 2

@@ -15,7 +15,7 @@ import pytest
 
 from tests.distributed import free_port
 from tests.slurm_cluster import ClusterUnavailable, SlurmCluster
-from tests.train_workers import metrics, tiny_config
+from tests.train_workers import metrics, tiny_config, wait_for_steps
 
 pytestmark = pytest.mark.slurm
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,13 +90,6 @@ def rank_pids(job: str, node: str) -> list[int]:
     return pids
 
 
-def wait_for_rows(run_dir, count: int, job: str, cluster, timeout=180) -> None:
-    path, deadline = os.path.join(run_dir, "metrics.jsonl"), time.monotonic() + timeout
-    while not (os.path.exists(path) and len(open(path).read().splitlines()) >= count):
-        assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING")
-        time.sleep(0.1)
-
-
 def test_a_rank_killed_on_one_node_ends_the_job_and_the_requeued_job_resumes(cluster, tmp_path, data_prefix):
     """DP = 2 over the two nodes, checkpoints every 2 steps: SIGKILL of the rank on n2 after step 3 ends the job
     within FAILURE_BOUND_S, with one line for the kill and one for each process that saw it, no traceback, and the
@@ -108,7 +101,7 @@ def test_a_rank_killed_on_one_node_ends_the_job_and_the_requeued_job_resumes(clu
     out = tmp_path / "killed"
     job, log = submit(cluster, tmp_path, config, *steps, f"output_dir={out}", nodes=2, procs=1,
                       sbatch=("--requeue",))
-    wait_for_rows(out, 3, job, cluster)
+    wait_for_steps(out, 3, lambda: cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"))
     killed = time.monotonic()
     for pid in rank_pids(job, "n2"):
         os.kill(pid, signal.SIGKILL)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from tests.train_workers import metrics, tiny_config
+from tests.train_workers import metrics, tiny_config, wait_for_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -26,10 +26,11 @@ def run_to_signal(config, out, sig):
     """Start the run, send `sig` to the agent once a step is logged; (exit status, seconds to exit, stdout)."""
     launcher = subprocess.Popen(command(config, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
-    deadline = time.time() + 180
-    while not (os.path.exists(f"{out}/metrics.jsonl") and open(f"{out}/metrics.jsonl").read().strip()):
-        assert time.time() < deadline and launcher.poll() is None, launcher.communicate()
-        time.sleep(0.05)
+    try:
+        wait_for_steps(out, 1, lambda: launcher.poll() is None)
+    except AssertionError:
+        launcher.kill()
+        raise AssertionError(launcher.communicate())
     sent = time.time()
     launcher.send_signal(sig)
     stdout, stderr = launcher.communicate(timeout=BOUND_S + 60)
@@ -73,3 +74,26 @@ def test_a_signal_before_the_ranks_are_up_waits_for_them(tmp_path, data_prefix):
     assert [line for line in stdout.splitlines() if line.startswith("stopped on")] == [
         f"stopped on SIGUSR1 at iteration 1: checkpoint {out}/checkpoints/iter_0000001 saved; the same command "
         "resumes from it"]
+
+
+UNINSTALL = """
+import os, signal, sys
+from minorsft_megatron.launch import StopForwarder
+seen = []
+signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # a handler of the module's own
+forwarder = StopForwarder().install()
+os.kill(os.getpid(), signal.SIGTERM)  # kept by the forwarder
+assert seen == [] and forwarder.signum == signal.SIGTERM
+forwarder.uninstall()  # the module's handler back, the kept signal raised again into it
+assert seen == [signal.SIGTERM], seen
+assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+os.kill(os.getpid(), signal.SIGUSR1)  # the default action again: the process ends
+sys.exit(5)
+"""
+
+
+def test_a_module_other_than_training_gets_its_signal_handlers_back():
+    """Under the launcher a module other than the trainer keeps torchrun's signal handling: StopForwarder.uninstall
+    puts back the handlers set before it (SIG_DFL for SIGUSR1 here) and raises again a signal kept meanwhile."""
+    done = subprocess.run([sys.executable, "-c", UNINSTALL], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGUSR1, (done.returncode, done.stderr[-2000:])

@@ -9,7 +9,7 @@ import sys
 import time
 
 from tests.distributed import free_port
-from tests.train_workers import metrics, tiny_config
+from tests.train_workers import metrics, tiny_config, wait_for_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOST_BOUND_S = 60  # from the SIGKILL to the other agent's exit: gloo sees the reset connection at once
@@ -49,10 +49,7 @@ def test_one_agent_killed_the_other_stops_in_bounded_time_with_one_line(tmp_path
     survivor, victim = [agent(config, out, "train_steps=100000", "data.epochs=1000", nnodes=2, nproc=1,
                               endpoint=endpoint) for _ in range(2)]
     try:
-        deadline = time.monotonic() + 180
-        while not (os.path.exists(out / "metrics.jsonl") and (out / "metrics.jsonl").read_text().strip()):
-            assert time.monotonic() < deadline and survivor.poll() is None and victim.poll() is None
-            time.sleep(0.05)
+        wait_for_steps(out, 1, lambda: survivor.poll() is None and victim.poll() is None)
         victim.send_signal(signal.SIGKILL)  # the agent and, with it (die_with_launcher), its rank
         killed = time.monotonic()
         code, _, stderr = finish(survivor, timeout=LOST_BOUND_S + 60)

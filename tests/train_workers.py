@@ -1,10 +1,11 @@
-"""The trainer tests' helpers: a tiny config, the metrics of a run, and the worker body that runs several
-commands one after another inside one distributed job."""
+"""The trainer tests' helpers: a tiny config, the metrics of a run (and a wait for its first rows), and the worker
+body that runs several commands one after another inside one distributed job."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import torch
 import yaml
@@ -35,6 +36,16 @@ def metrics(run_dir) -> list[dict]:
     """metrics.jsonl of a run, without the timing and memory fields."""
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def wait_for_steps(run_dir, count: int, running, timeout: float = 180) -> None:
+    """Wait until the run writing `run_dir` has logged `count` metrics rows; fails once `running()` is False or
+    after `timeout` seconds."""
+    path, deadline = os.path.join(run_dir, "metrics.jsonl"), time.monotonic() + timeout
+    while not (os.path.exists(path) and len(open(path).read().splitlines()) >= count):
+        assert running(), f"{run_dir}: the run ended before logging {count} steps"
+        assert time.monotonic() < deadline, f"{run_dir}: {count} steps not logged in {timeout} s"
+        time.sleep(0.05)
 
 
 def overflow_at_steps(steps: set[int]) -> None:
