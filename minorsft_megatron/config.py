@@ -746,10 +746,13 @@ def _validate_lora(c: TrainConfig, source: str) -> None:
     smallest = min(min(_linear_shape(m, s)) for s in adapted)
     _require(lo.rank <= smallest, source, "lora.rank",
              f"{lo.rank} is larger than the model's smallest adapted dimension ({smallest})")
-    etp = c.parallel.etp or c.parallel.tp
-    _require(not any(s.block == "mlp.experts" for s in adapted) or etp in (1, c.parallel.tp), source,
+    etp, routed = c.parallel.etp or c.parallel.tp, any(s.block == "mlp.experts" for s in adapted)
+    _require(not routed or etp in (1, c.parallel.tp), source,
              "parallel.etp", f"{etp} must be 1 or parallel.tp ({c.parallel.tp}) with adapters on the routed experts "
              "(megatron-core reduces their replicated gradients over the TP group)")
+    _require(not routed or etp == c.parallel.tp or c.parallel.ep > 1, source, "parallel.etp",
+             f"1 below parallel.tp ({c.parallel.tp}) needs parallel.ep > 1 with adapters on the routed experts (at EP "
+             "1 megatron-core leaves the experts' communication to TP, which the expert adapters are not laid out for)")
     _require(c.precision.fp8 is None, source, "precision.fp8",
              "LoRA with FP8 is not built (the adapters would need FP8 weights)")
 

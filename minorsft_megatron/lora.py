@@ -207,8 +207,8 @@ class AdapterSet(torch.nn.Module):
     def _dropout_generator(self):
         """Where the input is the same on every TP rank (a column-parallel base without SP) the mask is too: the
         default generator, the same on every TP rank, or for a routed expert at ETP = TP > 1 (its ETP ranks hold
-        the same tokens) megatron-core's data-parallel tracker, seeded alike on every rank (inside the experts the
-        default generator is megatron-core's expert-parallel one, seeded per ETP rank). Where it is split (a
+        the same tokens) megatron-core's data-parallel tracker, seeded alike on every rank (the default generator
+        was measured out of step across the ETP ranks there: their masks differed). Where it is split (a
         row-parallel base's input, sequence shards, a routed expert's tokens at ETP 1) the model-parallel tracker's,
         different on each TP rank, as megatron-core forks it for split activations."""
         from megatron.core import tensor_parallel

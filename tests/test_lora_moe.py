@@ -188,6 +188,8 @@ def peft_loads_the_expert_adapters(adapter_dir, hf):
 @pytest.mark.parametrize("overrides,message", [
     (["lora.target_modules=[experts.linear_fc1]"],
      r"lora.target_modules\[0\]: 'experts.linear_fc1': the model has no such linear"),
+    (["model.num_experts=4", "parallel.tp=2", "parallel.sp=true", "parallel.etp=1"],
+     r"parallel.etp: 1 below parallel.tp \(2\) needs parallel.ep > 1 with adapters on the routed experts"),
     (["model.num_experts=4", "parallel.etp=2"],
      r"parallel.etp: 2 must be 1 or parallel.tp \(1\) with adapters on the routed experts"),
     (["model.num_experts=4", "model.moe_ffn_hidden_size=2", "lora.target_modules=[experts.linear_fc2]"],
