@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from minorsft_megatron import compat
-from minorsft_megatron.errors import UserError
+from minorsft_megatron.errors import UserError, lost_peer
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -226,6 +226,8 @@ def save(save_dir: str, iteration: int, model, optimizer, state: dict, keep: int
             torch.save(rng_state(), _rank_file(tmp))
     except READ_FAILURES as err:  # disk full, a vanished directory: one line, the previous checkpoint kept
         shutil.rmtree(tmp, ignore_errors=True)
+        if lost_peer(err) is not None:  # another rank died meanwhile: its line says so (cli.run_main), not ours
+            raise
         kept = latest(save_dir)
         raise CheckpointError(f"{save_dir}: saving iteration {iteration} failed ({_first_line(err)}); "
                               + (f"{kept} stays the latest complete checkpoint" if kept else "nothing was saved"))

@@ -75,6 +75,22 @@ def _disk_full_on_save(at_save: int):
     dist_checkpointing.save = save
 
 
+def _peer_lost_on_save(at_save: int):
+    """Every rank's dist-checkpoint save number `at_save` fails as gloo does when another rank died meanwhile."""
+    from megatron.core import dist_checkpointing
+
+    real, count = dist_checkpointing.save, [0]
+
+    def save(*args, **kwargs):
+        count[0] += 1
+        if count[0] == at_save:
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                               "[127.0.0.1]:29328. This is typically caused by a remote worker crashing")
+        return real(*args, **kwargs)
+
+    dist_checkpointing.save = save
+
+
 def _disk_full_after_records(records: int):
     """Preprocessing's writers fail as a full disk does after `records` samples."""
     from minorsft_megatron.data import preprocess
@@ -90,7 +106,8 @@ def _disk_full_after_records(records: int):
     preprocess._Writers.add = add
 
 
-FAULTS = {"disk_full_on_save": _disk_full_on_save, "disk_full_after_records": _disk_full_after_records}
+FAULTS = {"disk_full_on_save": _disk_full_on_save, "disk_full_after_records": _disk_full_after_records,
+          "peer_lost_on_save": _peer_lost_on_save}
 
 
 # ---- fixtures -----------------------------------------------------------------------------------------------------
@@ -421,6 +438,20 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, traine
                      "saving iteration 4 failed (OSError: [Errno 28] No space left on device)")
     saves = run_dir / "checkpoints"
     assert f"{saves}/iter_0000002 stays the latest complete checkpoint" in line
+    assert sorted(os.listdir(saves)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+
+
+def test_a_rank_lost_while_saving_is_the_lost_peer_line(tmp_path, trained):
+    """A save that fails because another rank died (seen in the two-node Slurm job: the survivor was saving) is
+    the lost-peer line and its exit status, not a failed save's; the previous checkpoint stays."""
+    config, init = trained[0], trained[1]
+    run_dir = tmp_path / "lost"
+    code, lines = train(tmp_path, config, f"checkpoint.init={init}", "train_steps=4", f"output_dir={run_dir}",
+                        peer_lost_on_save=2)
+    assert code == 3 and lines == ["error: rank 0 lost another rank of the job (Connection closed by peer "
+                                   "[127.0.0.1]:29328): a process or node died; the first failure in the job's logs "
+                                   "says why"], (code, lines)
+    saves = run_dir / "checkpoints"
     assert sorted(os.listdir(saves)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
 
 
